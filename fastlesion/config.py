@@ -1,0 +1,380 @@
+"""Typed configuration: dataclass sections, YAML files and dotted overrides (``--optim.lr 3e-4``).
+
+Every field carries a docstring-style comment (the ``help`` metadata) that ``fastlesion config`` prints and the
+README reference is generated from. Unknown keys and wrong types are :class:`ConfigError` naming the key.
+
+Example:
+    >>> cfg = load_config(None, ["optim.lr=3e-4", "model.name=resnet18"])
+    >>> cfg.optim.lr
+    0.0003
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fastlesion.errors import ConfigError
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a help text (kept in metadata so docs and ``fastlesion config`` can show it)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+DATASET_KINDS = ("synthetic", "isic2020", "ham10000", "csv", "folder")
+
+
+@dataclass
+class DataConfig:
+    """Where the images are, how they are labelled and split."""
+
+    dataset: str = _f("synthetic", "dataset kind: synthetic | isic2020 | ham10000 | csv | folder")
+    root: str | None = _f(None, "dataset root folder (synthetic: None = generated on first use into the cache)")
+    csv: str | None = _f(None, "csv kind: the CSV file (absolute, or relative to root)")
+    path_col: str = _f("path", "csv kind: column holding the image path (relative to root, or absolute inside it)")
+    label_col: str = _f("label", "csv kind: column holding the label (class name or integer)")
+    group_col: str | None = _f(None, "csv kind: column holding the group (patient id) used for grouped splits")
+    synthetic_n: int = _f(800, "synthetic kind: number of images generated on first use")
+    synthetic_layout: str = _f("isic2020", "synthetic kind: layout generated (isic2020 | ham10000)")
+    synthetic_size: int = _f(160, "synthetic kind: width in pixels of the generated images")
+    synthetic_seed: int = _f(0, "synthetic kind: generator seed")
+    num_folds: int = _f(5, "number of stratified group k-fold folds")
+    fold: int = _f(0, "validation fold trained against (0 .. num_folds-1)")
+    holdout: float = _f(0.0, "fraction of groups held out as a test split before the folds (0 = none)")
+    split_seed: int = _f(42, "seed of the split; a folds file is keyed by it")
+    folds_file: str | None = _f(None, "folds CSV to write/reuse (None = <root>/folds_k<K>_s<seed>[_h<holdout>].csv)")
+    exclude_file: str | None = _f(None, "exclusion list written by `fastlesion check` (one path a line): skipped")
+    image_size: int = _f(224, "square input size fed to the model")
+    limit: int | None = _f(None, "use only the first N rows of the table (quick experiments)")
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASET_KINDS:
+            raise ConfigError(f"data.dataset: unknown dataset kind {self.dataset!r}; choose one of {DATASET_KINDS}")
+        if self.num_folds < 2:
+            raise ConfigError(f"data.num_folds must be >= 2, got {self.num_folds}")
+        if not 0 <= self.fold < self.num_folds:
+            raise ConfigError(f"data.fold must be in 0..{self.num_folds - 1}, got {self.fold}")
+        if not 0.0 <= self.holdout < 1.0:
+            raise ConfigError(f"data.holdout must be in [0, 1), got {self.holdout}")
+        if self.image_size < 8:
+            raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
+
+
+@dataclass
+class LoaderConfig:
+    """How batches are made: backend, threads and augmentation."""
+
+    backend: str = _f("auto", "auto (dali if installed, else torch) | dali | torch")
+    device: str = _f("auto", "where DALI decodes: auto (gpu if CUDA) | gpu | cpu")
+    batch_size: int = _f(64, "per-process training batch size")
+    eval_batch_size: int | None = _f(None, "per-process evaluation batch size (None = 2 x batch_size)")
+    workers: int = _f(4, "DataLoader workers / DALI CPU threads per process")
+    scale: tuple[float, float] = _f((0.35, 1.0), "RandomResizedCrop area range")
+    ratio: tuple[float, float] = _f((0.75, 1.3333333), "RandomResizedCrop aspect-ratio range")
+    hflip: float = _f(0.5, "probability of a horizontal flip")
+    vflip: float = _f(0.5, "probability of a vertical flip")
+    rotate: float = _f(30.0, "maximum rotation in degrees (uniform in [-rotate, rotate])")
+    brightness: float = _f(0.2, "ColorJitter brightness")
+    contrast: float = _f(0.2, "ColorJitter contrast")
+    saturation: float = _f(0.2, "ColorJitter saturation")
+    hue: float = _f(0.02, "ColorJitter hue (<= 0.5)")
+    aug_strength: float = _f(1.0, "multiplier on rotation and colour jitter (0 = crops and flips only)")
+    eval_crop: float = _f(0.875, "eval: resize the shorter side to image_size / eval_crop, then center crop")
+    oversample: bool = _f(False, "resample the training list each epoch so minority classes are drawn more often")
+    oversample_power: float = _f(0.5, "oversample weights = (1 / class_count) ** power (1 = balanced, 0 = none)")
+    seed: int = _f(0, "shuffling/augmentation seed (offset by rank and epoch)")
+    dtype: str = _f("float32", "DALI output dtype: float32 | float16 | bfloat16")
+    prefetch: int = _f(2, "batches prefetched per worker / DALI queue depth")
+
+    def __post_init__(self) -> None:
+        _choice("loader.backend", self.backend, ("auto", "dali", "torch"))
+        _choice("loader.device", self.device, ("auto", "gpu", "cpu"))
+        _choice("loader.dtype", self.dtype, ("float32", "float16", "bfloat16"))
+        if self.batch_size < 1:
+            raise ConfigError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"loader.workers must be >= 0, got {self.workers}")
+        if not (0 < self.scale[0] <= self.scale[1] <= 1.0):
+            raise ConfigError(f"loader.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not 0 < self.eval_crop <= 1:
+            raise ConfigError(f"loader.eval_crop must be in (0, 1], got {self.eval_crop}")
+
+
+@dataclass
+class ModelConfig:
+    """Which network and how it starts."""
+
+    name: str = _f("resnet18", "registry name (`fastlesion models` lists them): timm names, torchvision, lenet")
+    pretrained_path: str | None = _f(None, "local weights file (state_dict or checkpoint); nothing is downloaded")
+    drop_rate: float = _f(0.0, "dropout before the classifier")
+    drop_path_rate: float = _f(0.0, "stochastic depth rate (timm models that support it)")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer, schedule and loss."""
+
+    name: str = _f("adamw", "sgd | adam | adamw | rmsprop")
+    lr: float = _f(1e-3, "peak learning rate (for the global batch)")
+    weight_decay: float = _f(0.05, "weight decay")
+    no_decay_norm_bias: bool = _f(True, "exempt normalisation weights and biases from weight decay")
+    momentum: float = _f(0.9, "SGD / RMSprop momentum")
+    nesterov: bool = _f(True, "SGD nesterov momentum")
+    betas: tuple[float, float] = _f((0.9, 0.999), "Adam/AdamW betas")
+    scheduler: str = _f("cosine", "cosine | onecycle | step | plateau | constant")
+    warmup_epochs: float = _f(1.0, "linear warmup length in epochs (cosine)")
+    min_lr_ratio: float = _f(0.01, "cosine floor as a fraction of lr")
+    step_epochs: int = _f(10, "step: decay every N epochs")
+    gamma: float = _f(0.1, "step / plateau decay factor")
+    plateau_patience: int = _f(2, "plateau: epochs without improvement before decaying")
+    grad_accum: int = _f(1, "gradient accumulation steps")
+    clip_grad: float | None = _f(None, "clip the gradient norm to this value (None = off)")
+    loss: str = _f("ce", "ce | weighted_ce | focal")
+    label_smoothing: float = _f(0.0, "label smoothing (ce and weighted_ce)")
+    focal_gamma: float = _f(2.0, "focal loss gamma")
+    ema: bool = _f(False, "keep an exponential moving average of the weights and validate it")
+    ema_decay: float = _f(0.999, "EMA decay per optimizer step")
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ("sgd", "adam", "adamw", "rmsprop"))
+        _choice("optim.scheduler", self.scheduler, ("cosine", "onecycle", "step", "plateau", "constant"))
+        _choice("optim.loss", self.loss, ("ce", "weighted_ce", "focal"))
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.grad_accum < 1:
+            raise ConfigError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+
+
+@dataclass
+class TrainConfig:
+    """Epochs, precision, compile, early stopping and devices."""
+
+    epochs: int = _f(10, "maximum number of epochs")
+    seed: int = _f(42, "seed for model init and everything not seeded elsewhere")
+    device: str = _f("auto", "auto | cuda | cpu")
+    amp: str = _f("auto", "auto (bf16 on GPUs that support it, else fp16; off on CPU) | bf16 | fp16 | off")
+    compile: str = _f("auto", "torch.compile: auto (on with CUDA) | on | off")
+    compile_mode: str | None = _f(None, "torch.compile mode: None | reduce-overhead | max-autotune | ...")
+    channels_last: str = _f("auto", "auto (on with CUDA) | on | off")
+    cudnn_benchmark: bool = _f(True, "torch.backends.cudnn.benchmark")
+    early_stop_metric: str = _f("val_auc", "metric that picks best.pt and stops early (a metrics.csv column)")
+    early_stop_mode: str = _f("max", "max | min for early_stop_metric")
+    patience: int = _f(5, "epochs without improvement before stopping (0 = never stop early)")
+    ddp: int = _f(0, "local worker processes to start (0/1 = single process); torchrun sets its own")
+    steps_per_epoch: int | None = _f(None, "cap on training steps per epoch (quick experiments)")
+
+    def __post_init__(self) -> None:
+        _choice("train.device", self.device, ("auto", "cuda", "cpu"))
+        _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
+        _choice("train.compile", self.compile, ("auto", "on", "off"))
+        _choice("train.channels_last", self.channels_last, ("auto", "on", "off"))
+        _choice("train.early_stop_mode", self.early_stop_mode, ("max", "min"))
+        if self.epochs < 1:
+            raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+
+
+@dataclass
+class RunConfig:
+    """Where results go and how much is printed."""
+
+    out: str | None = _f(None, "run folder (None = runs/<model>-<dataset>-f<fold>-<time>)")
+    overwrite: bool = _f(False, "replace a run folder that holds a different run")
+    quiet: bool = _f(False, "no progress bars, one line per epoch")
+    plots: bool = _f(True, "write PNG plots (curves, ROC, confusion)")
+    save_predictions: bool = _f(True, "write validation predictions CSV")
+
+
+@dataclass
+class Config:
+    """The whole configuration of a run; ``config.yaml`` in a run folder is this, resolved."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
+
+
+def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+
+
+# --------------------------------------------------------------------------------------------------- coercion
+def _section_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check/convert one value to the field type ``tp``; raise ConfigError naming ``key``."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner[0])
+    if origin is tuple:
+        if isinstance(value, str):
+            value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} numbers, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, a) for i, (v, a) in enumerate(zip(value, args)))
+    if origin is list:
+        if isinstance(value, str):
+            value = yaml.safe_load(value)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, args[0]) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "on", "1", "false", "no", "off", "0"):
+            return value.lower() in ("true", "yes", "on", "1")
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{key}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - a bug in this file
+
+
+def _build_section(name: str, values: dict[str, Any], source: str) -> Any:
+    cls = SECTIONS[name]
+    hints = _section_types(cls)
+    if not isinstance(values, dict):
+        raise ConfigError(f"{source}: section {name!r} must be a mapping, got {values!r}")
+    kwargs = {}
+    for k, v in values.items():
+        if k not in hints:
+            raise ConfigError(f"{source}: unknown key '{name}.{k}' (known: {', '.join(sorted(hints))})")
+        kwargs[k] = _coerce(f"{name}.{k}", v, hints[k])
+    return cls(**kwargs)
+
+
+def config_from_dict(d: dict[str, Any] | None, source: str = "config") -> Config:
+    """Build a :class:`Config` from a nested dict, checking every key and type."""
+    d = d or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
+    for name in d:
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(SECTIONS)})")
+    return Config(**{name: _build_section(name, d.get(name) or {}, source) for name in SECTIONS})
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.lr=3e-4"`` -> ``("optim.lr", "3e-4")`` (the value is typed later against the field)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected section.key=value")
+    key, value = item.split("=", 1)
+    return key.strip(), value
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str] | dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys in a nested dict; unknown sections/keys are errors naming them."""
+    items = overrides.items() if isinstance(overrides, dict) else (parse_override(o) for o in overrides)
+    for key, value in items:
+        parts = key.split(".")
+        if len(parts) != 2 or parts[0] not in SECTIONS:
+            raise ConfigError(f"unknown config key '{key}' (use section.key with a section in {list(SECTIONS)})")
+        section, name = parts
+        if name not in _section_types(SECTIONS[section]):
+            raise ConfigError(f"unknown config key '{key}'")
+        d.setdefault(section, {})[name] = value
+    return d
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: config file not found")
+    try:
+        d = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return d
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """Load a YAML config (or the defaults) and apply dotted overrides."""
+    d = load_yaml(path) if path else {}
+    source = str(path) if path else "overrides"
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections")
+    for name in d:
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(SECTIONS)})")
+    d = {k: dict(v or {}) for k, v in d.items()}
+    if overrides:
+        apply_overrides(d, overrides)
+    return config_from_dict(d, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def replace(cfg: Config, **dotted: Any) -> Config:
+    """A copy of ``cfg`` with dotted keys changed, checked like overrides: ``replace(cfg, **{"optim.lr": 1e-4})``."""
+    return config_from_dict(apply_overrides(to_dict(cfg), dotted))
+
+
+def describe() -> list[tuple[str, str, Any, str]]:
+    """(key, type, default, help) for every field: the config reference."""
+    rows = []
+    for section, cls in SECTIONS.items():
+        hints = _section_types(cls)
+        for f in dataclasses.fields(cls):
+            tp = hints[f.name]
+            tname = (getattr(tp, "__name__", None) or str(tp).replace("typing.", "")).replace(" | ", " or ")
+            rows.append((f"{section}.{f.name}", tname, f.default, f.metadata.get("help", "")))
+    return rows
