@@ -1,0 +1,1 @@
+"""Datasets: catalog, splits, synthetic data, checker and loaders."""

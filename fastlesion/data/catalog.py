@@ -1,0 +1,318 @@
+"""Dataset catalog: every supported layout becomes one table.
+
+The table is a :class:`pandas.DataFrame` with the columns
+
+* ``path``  — absolute path of the image (str), inside the dataset root;
+* ``label`` — integer class index into :attr:`Dataset.classes`;
+* ``group`` — the unit that must not straddle a split (ISIC ``patient_id``, HAM10000 ``lesion_id``);
+* every other column of the source CSV, kept as metadata (``image_name``, ``sex``, ``age_approx``, ...).
+
+Missing image files are found here, when the table is built, and reported with a count and the first names,
+never mid-epoch. Layouts:
+
+* ``isic2020`` — ``train.csv`` (ISIC 2020 columns) and ``train/`` or ``jpeg/train/<image_name>.jpg``;
+* ``ham10000`` — ``HAM10000_metadata.csv`` and ``HAM10000_images_part_{1,2}/<image_id>.jpg`` (any case);
+* ``csv`` — any CSV with a path and a label column (names configurable), optional group column;
+* ``folder`` — one sub-folder per class;
+* ``synthetic`` — a generated ISIC-like (or HAM-like) set, written on first use into the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from fastlesion.config import DataConfig
+from fastlesion.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+ISIC_COLUMNS = (
+    "image_name", "patient_id", "sex", "age_approx", "anatom_site_general_challenge",
+    "diagnosis", "benign_malignant", "target",
+)
+ISIC_TEST_COLUMNS = ISIC_COLUMNS[:5]
+ISIC_CLASSES = ["benign", "malignant"]
+HAM_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+@dataclass
+class Dataset:
+    """A loaded dataset: the table, its class names and what was dropped."""
+
+    table: pd.DataFrame
+    classes: list[str]
+    root: Path
+    kind: str
+    missing: list[str] = field(default_factory=list)
+    excluded: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+def cache_dir() -> Path:
+    """``$FASTLESION_CACHE`` or ``~/.cache/fastlesion``."""
+    return Path(os.environ.get("FASTLESION_CACHE") or Path.home() / ".cache" / "fastlesion")
+
+
+def _read_csv(path: Path, required: tuple[str, ...] | list[str], what: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise DatasetError(f"{path}: {what} CSV not found")
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{path}: cannot read CSV ({str(e).splitlines()[0]})") from None
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise DatasetError(f"{path}: missing required column(s) {', '.join(map(repr, missing))} "
+                           f"(found: {', '.join(map(str, df.columns))})")
+    return df
+
+
+def _inside(root: Path, p: Path) -> bool:
+    try:
+        p.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _child(folder: Path, name: str) -> Path | None:
+    """Sub-folder of ``folder`` called ``name``, matched case-insensitively."""
+    for c in folder.iterdir():
+        if c.is_dir() and c.name.lower() == name.lower():
+            return c
+    return None
+
+
+def _first_dir(root: Path, candidates: list[str]) -> Path | None:
+    """First existing candidate sub-folder (``a/b`` paths allowed), matched case-insensitively."""
+    for cand in candidates:
+        cur: Path | None = root
+        for part in Path(cand).parts:
+            cur = _child(cur, part) if cur is not None else None
+        if cur is not None:
+            return cur
+    return None
+
+
+def _split_missing(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
+    exists = df["path"].map(os.path.isfile)
+    return df[exists].reset_index(drop=True), df.loc[~exists, "path"].tolist()
+
+
+def _finish(df: pd.DataFrame, classes: list[str], root: Path, kind: str, source: Path,
+            strict: bool, exclude: set[str] | None) -> Dataset:
+    """Drop excluded rows, find missing files, check the result is usable."""
+    excluded: list[str] = []
+    if exclude:
+        mask = df["path"].isin(exclude)
+        excluded = df.loc[mask, "path"].tolist()
+        if excluded:
+            log.warning("skipping %d image(s) listed in the exclusion file", len(excluded))
+        df = df[~mask].reset_index(drop=True)
+    df, missing = _split_missing(df)
+    if missing and strict:
+        names = ", ".join(Path(m).name for m in missing[:5])
+        raise DatasetError(f"{source}: {len(missing)} of {len(df) + len(missing)} listed images are missing "
+                           f"under {root} (first: {names}); run `fastlesion check {root}` for a full report")
+    if len(df) == 0 and strict:
+        raise DatasetError(f"{source}: the dataset is empty (no images found)")
+    if strict and df["label"].nunique() < 2:
+        only = classes[int(df["label"].iloc[0])] if len(df) else "?"
+        raise DatasetError(f"{source}: the label column has a single class ({only!r}); a classifier needs two or more")
+    df["group"] = df["group"].astype(str)
+    return Dataset(table=df, classes=classes, root=root, kind=kind, missing=missing, excluded=excluded)
+
+
+# --------------------------------------------------------------------------------------------------- layouts
+def _isic_image_dir(root: Path, split: str) -> Path:
+    found = _first_dir(root, [split, f"jpeg/{split}", f"{split}_jpeg", f"jpeg_{split}"])
+    if found is None:
+        raise DatasetError(f"{root}: no ISIC image folder found (looked for {split}/ and jpeg/{split}/)")
+    return found
+
+
+def load_isic2020(root: Path, strict: bool = True, exclude: set[str] | None = None) -> Dataset:
+    """ISIC 2020 training set: label = ``target``, group = ``patient_id``, the rest kept as metadata."""
+    csv = root / "train.csv"
+    df = _read_csv(csv, ISIC_COLUMNS, "ISIC 2020 train")
+    img_dir = _isic_image_dir(root, "train")
+    df = df.copy()
+    bad = ~df["target"].isin([0, 1])
+    if bad.any():
+        raise DatasetError(f"{csv}: column 'target' must be 0 or 1 (row {int(bad.idxmax()) + 2}: "
+                           f"{df['target'][bad].iloc[0]!r})")
+    df.insert(0, "path", [str(img_dir / f"{n}.jpg") for n in df["image_name"]])
+    df.insert(1, "label", df["target"].astype(int))
+    df.insert(2, "group", df["patient_id"].fillna(df["image_name"]).astype(str))
+    return _finish(df, list(ISIC_CLASSES), root, "isic2020", csv, strict, exclude)
+
+
+def load_isic2020_test(root: Path) -> pd.DataFrame:
+    """ISIC 2020 ``test.csv`` (first five columns) with a ``path`` column, for ``fastlesion predict``."""
+    csv = root / "test.csv"
+    df = _read_csv(csv, ISIC_TEST_COLUMNS, "ISIC 2020 test")
+    img_dir = _isic_image_dir(root, "test")
+    df = df.copy()
+    df.insert(0, "path", [str(img_dir / f"{n}.jpg") for n in df["image_name"]])
+    df, missing = _split_missing(df)
+    if missing:
+        raise DatasetError(f"{csv}: {len(missing)} test images are missing (first: {Path(missing[0]).name})")
+    return df
+
+
+def load_ham10000(root: Path, strict: bool = True, exclude: set[str] | None = None) -> Dataset:
+    """HAM10000: label = ``dx`` in the fixed order akiec, bcc, bkl, df, mel, nv, vasc; group = ``lesion_id``."""
+    csv = root / "HAM10000_metadata.csv"
+    if not csv.is_file():
+        alt = [p for p in root.glob("*.csv") if p.name.lower() == "ham10000_metadata.csv"]
+        csv = alt[0] if alt else csv
+    df = _read_csv(csv, HAM_COLUMNS, "HAM10000 metadata")
+    unknown = sorted(set(df["dx"]) - set(HAM_CLASSES))
+    if unknown:
+        raise DatasetError(f"{csv}: column 'dx' has unknown class(es) {unknown} (expected {HAM_CLASSES})")
+    dirs = [d for d in (_first_dir(root, [f"HAM10000_images_part_{i}"]) for i in (1, 2)) if d is not None]
+    if not dirs:
+        raise DatasetError(f"{root}: no HAM10000_images_part_1/ or _part_2/ folder found")
+    where: dict[str, Path] = {}
+    for d in dirs:
+        for p in d.iterdir():
+            where.setdefault(p.stem, p)
+    df = df.copy()
+    df.insert(0, "path", [str(where.get(i, dirs[0] / f"{i}.jpg")) for i in df["image_id"]])
+    df.insert(1, "label", df["dx"].map(HAM_CLASSES.index).astype(int))
+    df.insert(2, "group", df["lesion_id"].astype(str))
+    return _finish(df, list(HAM_CLASSES), root, "ham10000", csv, strict, exclude)
+
+
+def _labels_to_index(values: pd.Series, source: Path, col: str) -> tuple[pd.Series, list[str]]:
+    if values.isna().any():
+        raise DatasetError(f"{source}: column {col!r} has {int(values.isna().sum())} empty label(s)")
+    if pd.api.types.is_integer_dtype(values):
+        classes = [str(c) for c in sorted(values.unique())]
+        return values.map(lambda v: classes.index(str(v))).astype(int), classes
+    names = values.astype(str)
+    classes = sorted(names.unique())
+    return names.map(classes.index).astype(int), classes
+
+
+def load_csv(root: Path, cfg: DataConfig, strict: bool = True, exclude: set[str] | None = None) -> Dataset:
+    """Any CSV with a path and a label column; paths relative to ``root`` (or absolute inside it)."""
+    if not cfg.csv:
+        raise DatasetError("data.csv: the csv dataset kind needs data.csv (the CSV file)")
+    csv = Path(cfg.csv) if Path(cfg.csv).is_absolute() else root / cfg.csv
+    required = [cfg.path_col, cfg.label_col] + ([cfg.group_col] if cfg.group_col else [])
+    df = _read_csv(csv, required, "dataset").copy()
+    paths = []
+    for p in df[cfg.path_col].astype(str):
+        full = Path(p) if Path(p).is_absolute() else root / p
+        if not _inside(root, full):
+            raise DatasetError(f"{csv}: image path {p!r} escapes the data root {root}")
+        paths.append(str(full.resolve()))
+    labels, classes = _labels_to_index(df[cfg.label_col], csv, cfg.label_col)
+    group = df[cfg.group_col].astype(str) if cfg.group_col else pd.Series(paths, index=df.index)
+    # the source columns stay as metadata, except those named like the table's own columns (replaced)
+    df = df.drop(columns=[c for c in ("path", "label", "group") if c in df.columns])
+    df.insert(0, "path", paths)
+    df.insert(1, "label", labels.values)
+    df.insert(2, "group", group.values)
+    return _finish(df, classes, root, "csv", csv, strict, exclude)
+
+
+def load_folder(root: Path, strict: bool = True, exclude: set[str] | None = None) -> Dataset:
+    """One sub-folder per class (sorted names are the classes); each image is its own group."""
+    if not root.is_dir():
+        raise DatasetError(f"{root}: data root is not a folder")
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    rows = []
+    for i, c in enumerate(classes):
+        for p in sorted((root / c).rglob("*")):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+                rows.append((str(p), i, str(p.relative_to(root))))
+    if not rows:
+        raise DatasetError(f"{root}: the dataset is empty (no images in class sub-folders)")
+    df = pd.DataFrame(rows, columns=["path", "label", "group"])
+    present = sorted(df["label"].unique())
+    classes = [classes[i] for i in present]
+    df["label"] = df["label"].map(present.index)
+    return _finish(df, classes, root, "folder", root, strict, exclude)
+
+
+def synthetic_root(cfg: DataConfig) -> Path:
+    """The cache folder of the built-in synthetic set (generated on first use)."""
+    name = f"{cfg.synthetic_layout}-n{cfg.synthetic_n}-w{cfg.synthetic_size}-s{cfg.synthetic_seed}"
+    return cache_dir() / "synthetic" / name
+
+
+def ensure_synthetic(cfg: DataConfig, progress: bool = True) -> Path:
+    """Generate the synthetic set for ``cfg`` into the cache (or ``cfg.root``) unless it is already there."""
+    from fastlesion.data.synthetic import generate
+
+    root = Path(cfg.root) if cfg.root else synthetic_root(cfg)
+    return generate(cfg.synthetic_layout, root, n=cfg.synthetic_n, seed=cfg.synthetic_seed,
+                    size=cfg.synthetic_size, workers=min(4, os.cpu_count() or 1), progress=progress)
+
+
+def detect_kind(root: Path) -> str:
+    """Guess the layout of a data root: isic2020, ham10000 or folder."""
+    if (root / "train.csv").is_file():
+        return "isic2020"
+    if any(p.name.lower() == "ham10000_metadata.csv" for p in root.glob("*.csv")):
+        return "ham10000"
+    return "folder"
+
+
+LOADERS: dict[str, Callable[..., Dataset]] = {
+    "isic2020": lambda root, cfg, **kw: load_isic2020(root, **kw),
+    "ham10000": lambda root, cfg, **kw: load_ham10000(root, **kw),
+    "csv": load_csv,
+    "folder": lambda root, cfg, **kw: load_folder(root, **kw),
+}
+
+
+def load_dataset(cfg: DataConfig, strict: bool = True, use_exclude: bool = True, progress: bool = True) -> Dataset:
+    """Build the table for ``cfg``.
+
+    Args:
+        cfg: the data section of the config.
+        strict: raise :class:`DatasetError` on missing files, an empty set or a single class; with False the
+            missing files are only listed in :attr:`Dataset.missing` (the checker uses that).
+        use_exclude: drop the files listed in ``cfg.exclude_file``.
+        progress: show a progress bar if the synthetic set has to be generated.
+    """
+    kind = cfg.dataset
+    if kind == "synthetic":
+        root = ensure_synthetic(cfg, progress=progress)
+        kind = cfg.synthetic_layout
+    else:
+        if not cfg.root:
+            raise DatasetError(f"data.root: the {kind} dataset needs a data root (--data DIR)")
+        root = Path(cfg.root).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"{root}: data root not found")
+    root = root.resolve()
+    exclude = None
+    if use_exclude and cfg.exclude_file:
+        from fastlesion.data.validate import read_exclude_file
+
+        exclude = read_exclude_file(cfg.exclude_file, root)
+    ds = LOADERS[kind](root, cfg, strict=strict, exclude=exclude)
+    if cfg.dataset == "synthetic":
+        ds.kind = "synthetic"
+    if cfg.limit:
+        ds.table = ds.table.iloc[: cfg.limit].reset_index(drop=True)
+    return ds

@@ -1,0 +1,124 @@
+"""Patient-grouped, stratified splits written to a folds file that later runs reuse unchanged.
+
+A folds file is a CSV with one row per image: ``key`` (the image path relative to the data root), ``group``,
+``label`` and ``fold`` (``0 .. K-1``; ``-1`` marks the grouped holdout test split). One group never appears in two
+folds (scikit-learn ``StratifiedGroupKFold``), and each fold's class mix stays close to the whole.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from sklearn.model_selection import StratifiedGroupKFold
+
+from fastlesion.config import DataConfig
+from fastlesion.data.catalog import Dataset, cache_dir
+from fastlesion.errors import DatasetError
+
+log = logging.getLogger(__name__)
+HOLDOUT = -1
+
+
+@dataclass
+class Split:
+    """Train / validation / (optional) holdout test tables for one fold."""
+
+    train: pd.DataFrame
+    val: pd.DataFrame
+    test: pd.DataFrame
+    folds_file: Path
+
+
+def assign_folds(labels: np.ndarray, groups: np.ndarray, num_folds: int, seed: int, holdout: float = 0.0) -> np.ndarray:
+    """Fold index per sample (``-1`` = holdout test), stratified by label and grouped by group.
+
+    Args:
+        labels: integer class per sample.
+        groups: group id per sample; all samples of a group land in the same fold.
+        num_folds: K of the k-fold.
+        seed: shuffling seed (the split is a pure function of its inputs and the seed).
+        holdout: fraction of groups held out first as a test split (0 = none).
+    """
+    n_groups = len(np.unique(groups))
+    folds = np.full(len(labels), HOLDOUT, dtype=np.int64)
+    idx = np.arange(len(labels))
+    if holdout > 0:
+        n_splits = max(2, round(1 / holdout))
+        if n_groups < n_splits + num_folds:
+            raise DatasetError(f"too few groups ({n_groups}) for a {holdout:.0%} holdout and {num_folds} folds")
+        sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        keep, _ = next(sgkf.split(idx, labels, groups))
+        idx = np.sort(keep)
+    if len(np.unique(groups[idx])) < num_folds:
+        raise DatasetError(f"too few groups ({len(np.unique(groups[idx]))}) for {num_folds} folds")
+    sgkf = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
+    for k, (_, val) in enumerate(sgkf.split(idx, labels[idx], groups[idx])):
+        folds[idx[val]] = k
+    return folds
+
+
+def default_folds_file(ds: Dataset, cfg: DataConfig) -> Path:
+    """``<root>/folds_k5_s42.csv`` (``_h0.2`` appended with a holdout), or the cache when the root is read-only."""
+    name = f"folds_k{cfg.num_folds}_s{cfg.split_seed}" + (f"_h{cfg.holdout:g}" if cfg.holdout else "") + ".csv"
+    if os.access(ds.root, os.W_OK):
+        return ds.root / name
+    digest = hashlib.sha1(str(ds.root).encode()).hexdigest()[:10]
+    return cache_dir() / "folds" / f"{ds.root.name}-{digest}" / name
+
+
+def _keys(ds: Dataset) -> pd.Series:
+    return ds.table["path"].map(lambda p: os.path.relpath(p, ds.root))
+
+
+def make_folds_table(ds: Dataset, cfg: DataConfig) -> pd.DataFrame:
+    folds = assign_folds(ds.table["label"].to_numpy(), ds.table["group"].to_numpy(), cfg.num_folds,
+                         cfg.split_seed, cfg.holdout)
+    return pd.DataFrame({"key": _keys(ds), "group": ds.table["group"].values,
+                         "label": ds.table["label"].values, "fold": folds})
+
+
+def load_or_make_folds(ds: Dataset, cfg: DataConfig) -> tuple[pd.DataFrame, Path]:
+    """Read the folds file if it exists (and covers this table), else make it and write it."""
+    path = Path(cfg.folds_file) if cfg.folds_file else default_folds_file(ds, cfg)
+    if path.is_file():
+        folds = pd.read_csv(path, dtype={"key": str, "group": str})
+        if not {"key", "fold"} <= set(folds.columns):
+            raise DatasetError(f"{path}: a folds file needs the columns 'key' and 'fold'")
+        unknown = set(_keys(ds)) - set(folds["key"])
+        if unknown:
+            raise DatasetError(f"{path}: {len(unknown)} image(s) of the dataset are not in this folds file "
+                               f"(first: {sorted(unknown)[0]}); delete it or set data.folds_file to make a new one")
+        n_folds = int(folds["fold"].max()) + 1
+        if n_folds != cfg.num_folds:
+            raise DatasetError(f"{path}: has {n_folds} folds but data.num_folds is {cfg.num_folds}")
+        return folds, path
+    folds = make_folds_table(ds, cfg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    folds.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+    log.info("wrote folds file %s", path)
+    return folds, path
+
+
+def split_dataset(ds: Dataset, cfg: DataConfig, fold: int | None = None) -> Split:
+    """Train/val/test tables for ``fold`` (default ``cfg.fold``), from the reusable folds file."""
+    fold = cfg.fold if fold is None else fold
+    folds, path = load_or_make_folds(ds, cfg)
+    fold_of = dict(zip(folds["key"], folds["fold"]))
+    f = _keys(ds).map(fold_of).to_numpy()
+    t = ds.table
+    split = Split(train=t[(f != fold) & (f != HOLDOUT)].reset_index(drop=True),
+                  val=t[f == fold].reset_index(drop=True),
+                  test=t[f == HOLDOUT].reset_index(drop=True), folds_file=path)
+    for name in ("train", "val"):
+        part = getattr(split, name)
+        if len(part) == 0:
+            raise DatasetError(f"{path}: fold {fold} leaves the {name} split empty")
+    return split
