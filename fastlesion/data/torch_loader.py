@@ -1,0 +1,118 @@
+"""Reference loader: torch DataLoader + torchvision transforms (fallback and benchmark baseline).
+
+Same contract as the DALI loader (:class:`fastlesion.data.loader.Loader`): iterating yields
+``(images, labels, idx)`` already on the training device, ``len()`` is the number of steps per epoch, known up front.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from fastlesion.config import LoaderConfig
+from fastlesion.data import sampling
+from fastlesion.data.transforms import eval_transform, train_transform
+from fastlesion.errors import DatasetError
+
+
+class ImageTable(torch.utils.data.Dataset):
+    """Images of a catalog table: item ``(i, seed)`` is ``(tensor CHW float, label, i)``.
+
+    Each sample's augmentation is drawn from its own seed (given by the sampler), so a run is reproducible and
+    independent of the number of workers.
+    """
+
+    def __init__(self, paths: list[str], labels: np.ndarray, transform) -> None:
+        self.paths, self.labels, self.transform = paths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, item: tuple[int, int]):
+        i, seed = item
+        path = self.paths[i]
+        try:
+            with Image.open(path) as im:
+                img = im.convert("RGB")
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            raise DatasetError(f"{path}: cannot decode image ({e}); run `fastlesion check` and set "
+                               "data.exclude_file") from None
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            x = self.transform(img)
+        return x, int(self.labels[i]), i
+
+
+class _ListSampler(torch.utils.data.Sampler):
+    """Yields ``(index, seed)`` pairs for this epoch's shard."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+        self.seeds: list[int] = []
+
+    def __iter__(self):
+        return iter(zip(self.indices, self.seeds))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class TorchLoader:
+    """DataLoader-based loader over a table, sharded per rank, with per-epoch shuffling/oversampling."""
+
+    backend = "torch"
+
+    def __init__(self, table: pd.DataFrame, cfg: LoaderConfig, image_size: int, train: bool, rank: int = 0,
+                 world_size: int = 1, device: torch.device | str = "cpu", channels_last: bool = False) -> None:
+        self.cfg, self.train, self.rank, self.world_size = cfg, train, rank, world_size
+        self.device = torch.device(device)
+        self.channels_last = channels_last
+        self.labels = table["label"].to_numpy().astype(np.int64)
+        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or 2 * cfg.batch_size)
+        tf = train_transform(cfg, image_size) if train else eval_transform(cfg, image_size)
+        self.dataset = ImageTable(table["path"].tolist(), self.labels, tf)
+        self.sampler = _ListSampler()
+        self.epoch = 0
+        self.set_epoch(0)
+        self.num_samples = len(self.sampler.indices)
+        self.drop_last = train and self.num_samples >= self.batch_size
+        self.loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=cfg.workers,
+            pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
+            persistent_workers=cfg.workers > 0, prefetch_factor=cfg.prefetch if cfg.workers > 0 else None)
+        self.device_name = "cpu"
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw this epoch's order (same on all ranks) and take this rank's shard."""
+        self.epoch = epoch
+        order = sampling.epoch_order(self.labels, epoch, self.cfg.seed, shuffle=self.train,
+                                     oversample_power=self.cfg.oversample_power if self.train and self.cfg.oversample
+                                     else None)
+        self.sampler.indices = sampling.shard(order, self.rank, self.world_size, pad=self.train).tolist()
+        rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
+        self.sampler.seeds = rng.integers(0, 2**62, len(self.sampler.indices)).tolist()
+
+    def __len__(self) -> int:
+        n = len(self.sampler.indices)
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        it = iter(self.loader)
+        while True:
+            try:
+                x, y, idx = next(it)
+            except StopIteration:
+                return
+            except DatasetError:
+                raise
+            except Exception as e:  # a worker's DatasetError comes back wrapped: keep its one line
+                last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
+                raise DatasetError(last.split("DatasetError: ", 1)[-1]) from None
+            # non_blocking pairs with pin_memory: the copy overlaps the next batch's work on CUDA
+            yield (x.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
+                   y.to(self.device, non_blocking=True), idx)
