@@ -1,0 +1,520 @@
+"""Dataset checker behind ``fastlesion check``: decode every image once, report what would crash a long run.
+
+NVIDIA DALI aborts the whole pipeline on one corrupt file, hours into training. :func:`run_check` decodes every
+image up front (in parallel, with a progress bar), writes ``check_report.csv`` (one row per problem) and
+``exclude.txt`` (one path a line), which training honours through the config option ``data.exclude_file``.
+
+Problems (:data:`PROBLEMS`), decided with PIL and the raw bytes only:
+
+* ``missing``   — listed by the dataset but not on disk;
+* ``empty``     — 0 bytes;
+* ``not_jpeg``  — does not start with the JPEG SOI marker ``FF D8 FF`` (the detail names what it is: png, gif, ...);
+* ``truncated`` — the data ends before the EOI marker ``FF D9`` (or inside the headers), or PIL reports truncation;
+* ``corrupt``   — an invalid marker structure, or PIL cannot open or fully decode it for any other reason;
+* ``cmyk``      — mode CMYK (Adobe CMYK/YCCK JPEGs);
+* ``grayscale`` — mode L, LA, 1, I or F;
+* ``duplicate`` — the same bytes (sha1) as an earlier file in sorted path order; the detail names that first copy.
+
+Progressive JPEGs are fine. ``cmyk`` and ``grayscale`` files are excluded by default (``exclude_color=True``):
+DALI decodes them with a different channel count / colour path than the rest of the set, so a batch mixing them
+either fails or silently trains on wrong colours.
+
+Example:
+    >>> result = run_check(paths, out_dir="runs/check", root="/data/isic2020")  # doctest: +SKIP
+    >>> print(format_summary(result))  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import io
+import multiprocessing
+import os
+import time
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from PIL import Image, ImageFile
+
+from fastlesion.errors import DatasetError
+
+PROBLEMS = ("missing", "empty", "truncated", "corrupt", "not_jpeg", "cmyk", "grayscale", "duplicate")
+"""Every problem name, in report order."""
+
+FATAL = ("missing", "empty", "truncated", "corrupt", "not_jpeg")
+"""Problems that always exclude a file (it cannot be decoded as a JPEG)."""
+
+COLOR = ("cmyk", "grayscale")
+"""Problems that exclude a file only when ``exclude_color`` is true."""
+
+COLUMNS = ("path", "problem", "detail", "size_bytes", "width", "height", "mode", "format")
+"""Columns of the report, in order."""
+
+REPORT_NAME = "check_report.csv"
+EXCLUDE_NAME = "exclude.txt"
+PARALLEL_MIN_FILES = 32
+"""Fewer files than this (or ``workers <= 1``) are checked in-process."""
+
+_CMYK_MODES = {"CMYK", "YCCK"}
+_GRAY_MODES = {"L", "LA", "1", "I", "F", "I;16", "I;16B", "I;16L", "I;16N"}
+_MAX_DETAIL = 200
+_DUP_PREFIX = "same bytes (sha1) as "
+# Magic bytes -> format name, for files that are not JPEG.
+_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"\x89PNG\r\n\x1a\n", "png"),
+    (0, b"GIF87a", "gif"),
+    (0, b"GIF89a", "gif"),
+    (0, b"BM", "bmp"),
+    (0, b"II*\x00", "tiff"),
+    (0, b"MM\x00*", "tiff"),
+    (0, b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),
+    (0, b"\xff\x4f\xff\x51", "jpeg2000"),
+    (0, b"\xff\x0a", "jpegxl"),
+    (0, b"\x00\x00\x00\x0cJXL \r\n\x87\n", "jpegxl"),
+    (0, b"%PDF", "pdf"),
+    (0, b"<", "html/xml"),
+)
+_FTYP: dict[bytes, str] = {b"heic": "heic", b"heix": "heic", b"mif1": "heif", b"msf1": "heif", b"avif": "avif",
+                           b"avis": "avif"}
+
+
+# ----------------------------------------------------------------------------------------------- one file
+def _one_line(e: BaseException) -> str:
+    """``Type: message`` of an exception, on one line and at most ``_MAX_DETAIL`` characters."""
+    msg = " ".join(str(e).split())
+    text = f"{type(e).__name__}: {msg}" if msg else type(e).__name__
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
+
+
+def _sniff(data: bytes) -> str:
+    """Name of the format of ``data`` from its magic bytes (``unknown`` when none matches)."""
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[4:8] == b"ftyp" and data[8:12] in _FTYP:
+        return _FTYP[data[8:12]]
+    for offset, magic, name in _MAGIC:
+        if data[offset:offset + len(magic)] == magic:
+            return name
+    if data[:2] == b"\xff\xd8":
+        return "unknown (starts with FF D8 but not FF D8 FF)"
+    return "unknown"
+
+
+def _jpeg_structure(data: bytes) -> tuple[str, str] | None:
+    """Walk the JPEG marker segments up to the image data and check the data ends with EOI.
+
+    Returns ``None`` for a well-formed stream, else ``(problem, detail)`` with problem ``truncated`` (the bytes
+    end inside the headers, or no EOI marker follows the last scan) or ``corrupt`` (an invalid marker).
+    Entropy-coded data never contains ``FF D9`` or ``FF DA`` (an ``FF`` there is always followed by ``00`` or a
+    restart marker), so "an EOI after the last SOS" tells a complete stream, trailing bytes after it allowed,
+    from a cut one.
+    """
+    n = len(data)
+    i = 2  # after SOI
+    while True:
+        if i >= n:
+            return "truncated", f"ends inside the JPEG headers at byte {n} (no image data)"
+        if data[i] != 0xFF:
+            return "corrupt", f"invalid JPEG marker structure at byte {i} (0x{data[i]:02X} where 0xFF was expected)"
+        while i < n and data[i] == 0xFF:  # fill bytes
+            i += 1
+        if i >= n:
+            return "truncated", f"ends inside the JPEG headers at byte {n} (no image data)"
+        marker = data[i]
+        i += 1
+        if marker == 0x01 or 0xD0 <= marker <= 0xD7:  # TEM, RSTn: no length
+            continue
+        if marker == 0xD9:
+            return "corrupt", f"EOI marker at byte {i - 2} before any image data"
+        if marker < 0xC0 or marker == 0xD8:
+            return "corrupt", f"invalid JPEG marker 0xFF{marker:02X} at byte {i - 2}"
+        if i + 2 > n:
+            return "truncated", f"ends inside the JPEG headers at byte {n} (no image data)"
+        length = int.from_bytes(data[i:i + 2], "big")
+        if length < 2:
+            return "corrupt", f"invalid length {length} of JPEG segment 0xFF{marker:02X} at byte {i - 2}"
+        if marker == 0xDA:  # SOS: the image data follows
+            break
+        i += length
+    if data.rfind(b"\xff\xd9") < data.rfind(b"\xff\xda"):
+        return "truncated", f"no EOI marker (FF D9) after the image data: the file ends early at byte {n}"
+    return None
+
+
+def _inspect(path: str) -> dict[str, Any]:
+    """Check one file: problems, size, sha1 and image metadata. Never raises (a failure is a ``corrupt`` row)."""
+    info: dict[str, Any] = {"path": path, "problems": [], "size_bytes": None, "width": None, "height": None,
+                            "mode": None, "format": None, "sha1": None}
+    try:
+        _inspect_into(path, info)
+    except Exception as e:  # noqa: BLE001 - a checker must report, never crash
+        info["problems"] = [("corrupt", f"checker failed: {_one_line(e)}")]
+    return info
+
+
+def _inspect_into(path: str, info: dict[str, Any]) -> None:
+    problems: list[tuple[str, str]] = info["problems"]
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        problems.append(("missing", "file does not exist"))
+        return
+    except IsADirectoryError:
+        problems.append(("corrupt", "is a directory, not an image file"))
+        return
+    except OSError as e:
+        problems.append(("corrupt", f"cannot read: {_one_line(e)}"))
+        return
+    info["size_bytes"] = len(data)
+    if not data:
+        problems.append(("empty", "file is 0 bytes"))
+        return
+    info["sha1"] = hashlib.sha1(data, usedforsecurity=False).hexdigest()
+
+    structural: tuple[str, str] | None = None
+    if data[:3] != b"\xff\xd8\xff":
+        kind = _sniff(data)
+        structural = ("not_jpeg", f"file is {kind}, not JPEG (no FF D8 FF start marker)")
+    else:
+        structural = _jpeg_structure(data)
+
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                img = Image.open(io.BytesIO(data))
+            except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
+                problems.append(structural or ("corrupt", f"PIL cannot open it: {_one_line(e)}"))
+                return
+            with img:
+                info["width"], info["height"] = img.size
+                info["mode"], info["format"] = img.mode, img.format
+                if structural is not None:  # already known bad: metadata only, no decode
+                    problems.append(structural)
+                    return
+                try:
+                    img.load()
+                except Exception as e:  # noqa: BLE001
+                    problem = "truncated" if "truncat" in str(e).lower() else "corrupt"
+                    problems.append((problem, f"PIL cannot decode it: {_one_line(e)}"))
+                    return
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    if info["mode"] in _CMYK_MODES:
+        problems.append(("cmyk", f"mode {info['mode']} (DALI decodes it through a different colour path)"))
+    elif info["mode"] in _GRAY_MODES:
+        problems.append(("grayscale", f"mode {info['mode']} (one channel where the rest of the set has three)"))
+
+
+def check_image(path: str) -> list[tuple[str, str]]:
+    """Check one image file.
+
+    Args:
+        path: the file.
+
+    Returns:
+        A list of ``(problem, detail)`` pairs (problem names from :data:`PROBLEMS`, never ``duplicate``, which
+        needs the other files); ``[]`` when it is a clean RGB JPEG that decodes fully.
+    """
+    return list(_inspect(str(path))["problems"])
+
+
+# ----------------------------------------------------------------------------------------------- many files
+def _progress_iter(results: Iterable[dict[str, Any]], total: int, progress: bool) -> Iterator[dict[str, Any]]:
+    """Yield ``results``, drawing a rich progress bar on stderr when ``progress``.
+
+    The bar is refreshed by hand (no refresh thread), so worker processes may be forked while it is shown.
+    """
+    if not progress:
+        yield from results
+        return
+    from rich import progress as rp
+    from rich.console import Console
+
+    columns = (rp.TextColumn("checking images"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
+               rp.TextColumn("eta"), rp.TimeRemainingColumn())
+    with rp.Progress(*columns, console=Console(stderr=True), auto_refresh=False, transient=False) as bar:
+        task = bar.add_task("check", total=total)
+        last = 0.0
+        for r in results:
+            yield r
+            bar.advance(task)
+            now = time.monotonic()
+            if now - last > 0.1:
+                bar.refresh()
+                last = now
+        bar.refresh()
+
+
+def _mp_context() -> Any:
+    """``fork`` where available (no re-import of the caller's modules in the workers), else the default."""
+    methods = multiprocessing.get_all_start_methods()
+    return multiprocessing.get_context("fork" if "fork" in methods else None)
+
+
+def _run_parallel(paths: list[str], workers: int) -> Iterator[dict[str, Any]]:
+    """Inspect ``paths`` in ``workers`` processes, yielding results in order.
+
+    If a worker process dies (a decoder crash), the rest is checked one file at a time in a fresh single-worker
+    pool, so the file that kills its process is found and reported as ``corrupt`` instead of hanging or aborting.
+    """
+    chunksize = max(2, min(64, len(paths) // (workers * 8)))
+    done = 0
+    try:
+        with cf.ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as ex:
+            for r in ex.map(_inspect, paths, chunksize=chunksize):
+                done += 1
+                yield r
+        return
+    except cf.process.BrokenProcessPool:
+        pass
+    ex = cf.ProcessPoolExecutor(max_workers=1, mp_context=_mp_context())
+    try:
+        for p in paths[done:]:
+            try:
+                yield ex.submit(_inspect, p).result()
+            except cf.process.BrokenProcessPool:
+                ex.shutdown(wait=False, cancel_futures=True)
+                ex = cf.ProcessPoolExecutor(max_workers=1, mp_context=_mp_context())
+                yield {"path": p, "problems": [("corrupt", "the decoder crashed (worker process died) on this file")],
+                       "size_bytes": None, "width": None, "height": None, "mode": None, "format": None, "sha1": None}
+    finally:
+        ex.shutdown(wait=True, cancel_futures=True)
+
+
+def _unique(paths: Iterable[str]) -> list[str]:
+    """``paths`` as strings, each file once (the same file named twice would otherwise be its own duplicate)."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for p in map(str, paths):
+        key = os.path.realpath(p)
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return out
+
+
+def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    """The report DataFrame: :data:`COLUMNS`, sorted by path then problem order, nullable integer sizes."""
+    df = pd.DataFrame(rows, columns=list(COLUMNS))
+    for c in ("size_bytes", "width", "height"):
+        df[c] = df[c].astype("Int64")
+    for c in ("path", "problem", "detail", "mode", "format"):
+        df[c] = df[c].astype(object)
+    if len(df):
+        order = {p: i for i, p in enumerate(PROBLEMS)}
+        df = df.assign(_o=df["problem"].map(order)).sort_values(["path", "_o"], kind="stable").drop(columns="_o")
+    return df.reset_index(drop=True)
+
+
+def _check(paths: Sequence[str], workers: int, progress: bool) -> tuple[pd.DataFrame, int]:
+    """Report rows and number of distinct files checked."""
+    unique = sorted(_unique(paths))
+    if workers <= 0:
+        workers = os.cpu_count() or 1
+    if workers > 1 and len(unique) > PARALLEL_MIN_FILES:
+        results: Iterable[dict[str, Any]] = _run_parallel(unique, min(workers, len(unique)))
+    else:
+        results = map(_inspect, unique)
+    rows: list[dict[str, Any]] = []
+    first_by_sha: dict[str, str] = {}
+    for info in _progress_iter(results, len(unique), progress):
+        meta = {k: info[k] for k in COLUMNS[3:]}
+        for problem, detail in info["problems"]:
+            rows.append({"path": info["path"], "problem": problem, "detail": detail, **meta})
+        if info["sha1"] is None or any(p in FATAL for p, _ in info["problems"]):
+            continue  # unreadable files are excluded anyway; identical bytes would repeat the same problem
+        first = first_by_sha.setdefault(info["sha1"], info["path"])
+        if first != info["path"]:
+            rows.append({"path": info["path"], "problem": "duplicate",
+                         "detail": f"{_DUP_PREFIX}{first}", **meta})
+    return _frame(rows), len(unique)
+
+
+def check_files(paths: Sequence[str], workers: int = 0, progress: bool = True) -> pd.DataFrame:
+    """Check every file, in parallel, and find byte-identical duplicates.
+
+    Args:
+        paths: the image files (a path named twice is checked once).
+        workers: processes to decode with (0 = ``os.cpu_count()``); with 1, or no more than
+            :data:`PARALLEL_MIN_FILES` files, the check runs in-process.
+        progress: draw a progress bar on stderr.
+
+    Returns:
+        The report: one row per problem found, columns :data:`COLUMNS` (``path``, ``problem``, ``detail`` and,
+        where known, ``size_bytes``, ``width``, ``height``, ``mode``, ``format``), sorted by path. Files with
+        identical bytes (sha1) get one ``duplicate`` row per extra copy (in sorted path order) naming the first.
+        A clean set gives an empty report.
+    """
+    return _check(paths, workers, progress)[0]
+
+
+# ----------------------------------------------------------------------------------------------- results
+@dataclass
+class CheckResult:
+    """What :func:`run_check` found and wrote.
+
+    Attributes:
+        report: one row per problem (columns :data:`COLUMNS`).
+        n_files: distinct files checked, the ``missing`` ones included.
+        n_bad: distinct files to exclude from training (``len(excluded)``).
+        excluded: paths to exclude: every file with a problem in :data:`FATAL`, duplicates beyond the first copy
+            and, when ``exclude_color`` was true, ``cmyk`` and ``grayscale`` files; sorted.
+        report_file: the ``check_report.csv`` written (None if not written).
+        exclude_file: the ``exclude.txt`` written (None if not written).
+    """
+
+    report: pd.DataFrame
+    n_files: int
+    n_bad: int
+    excluded: list[str]
+    report_file: Path | None = None
+    exclude_file: Path | None = None
+
+    @property
+    def ok(self) -> bool:
+        """True when no problem at all was found."""
+        return len(self.report) == 0
+
+
+def exclusion_key(path: str | Path, root: str | Path | None = None) -> str:
+    """The form a path takes in the set :func:`read_exclude_file` returns: absolute and resolved.
+
+    Args:
+        path: a path; a relative one is taken against ``root`` (or the working directory when ``root`` is None).
+        root: the dataset root.
+
+    Returns:
+        ``str`` of the absolute, symlink-resolved path; compare dataset paths in this form with the exclusion set.
+    """
+    p = Path(path).expanduser()
+    if not p.is_absolute() and root is not None:
+        p = Path(root).expanduser() / p
+    return str(p.resolve())
+
+
+def _entry(path: str, root: Path | None) -> str:
+    """How ``path`` is written in exclude.txt: relative to ``root`` when inside it, else absolute and resolved."""
+    if root is not None:
+        pairs = ((Path(os.path.abspath(path)), Path(os.path.abspath(root))), (Path(path).resolve(), root.resolve()))
+        for p, r in pairs:
+            if p.is_relative_to(r) and p != r:
+                return p.relative_to(r).as_posix()
+    return Path(path).resolve().as_posix()
+
+
+def run_check(paths: Sequence[str], out_dir: str | Path, root: str | Path | None = None, workers: int = 0,
+              progress: bool = True, missing: Sequence[str] = (), exclude_color: bool = True) -> CheckResult:
+    """Check a dataset's files and write the report and the exclusion list.
+
+    Args:
+        paths: the image files listed by the dataset that exist (nonexistent ones are reported ``missing`` too).
+        out_dir: folder receiving ``check_report.csv`` (every row) and ``exclude.txt`` (created if needed).
+        root: the dataset root; exclude.txt entries inside it are written relative to it, others absolute.
+        workers: decoding processes (0 = ``os.cpu_count()``).
+        progress: draw a progress bar on stderr.
+        missing: paths listed by the dataset CSV that do not exist (the catalog finds those).
+        exclude_color: also exclude ``cmyk`` and ``grayscale`` files (they are reported either way).
+
+    Returns:
+        The :class:`CheckResult`. Training honours exclude.txt through the config option ``data.exclude_file``.
+    """
+    keys = {os.path.realpath(str(p)) for p in paths}
+    extra = [m for m in _unique(missing) if os.path.realpath(m) not in keys]
+    report, n_files = _check(paths, workers, progress)
+    if extra:
+        gone = [{"path": m, "problem": "missing", "detail": "listed by the dataset but not on disk"} for m in extra]
+        report = _frame(report.to_dict("records") + gone)
+    kinds = FATAL + ("duplicate",) + (COLOR if exclude_color else ())
+    excluded = sorted(set(report.loc[report["problem"].isin(kinds), "path"]))
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        report_file = out / REPORT_NAME
+        report.to_csv(report_file, index=False)
+        root_path = Path(root) if root is not None else None
+        exclude_file = out / EXCLUDE_NAME
+        lines = [f"# fastlesion check: {len(excluded)} of {n_files + len(extra)} files excluded "
+                 f"({', '.join(k for k in kinds)}); paths relative to {root_path or 'nothing (absolute)'}"]
+        lines += [_entry(p, root_path) for p in excluded]
+        exclude_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    except OSError as e:
+        raise DatasetError(f"{out}: cannot write the check report ({_one_line(e)})") from None
+    return CheckResult(report=report, n_files=n_files + len(extra), n_bad=len(excluded), excluded=excluded,
+                       report_file=report_file, exclude_file=exclude_file)
+
+
+def read_exclude_file(path: str | Path, root: str | Path | None = None) -> set[str]:
+    """Read an exclusion list written by :func:`run_check` (or by hand).
+
+    Args:
+        path: the file: one image path a line; blank lines and lines starting with ``#`` are skipped.
+        root: the dataset root relative entries are taken against (None = the working directory).
+
+    Returns:
+        The entries as absolute, resolved path strings (see :func:`exclusion_key`).
+
+    Raises:
+        DatasetError: the file does not exist or cannot be read.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DatasetError(f"{p}: exclusion file (data.exclude_file) not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{p}: cannot read exclusion file ({_one_line(e)})") from None
+    out: set[str] = set()
+    for line in text.splitlines():
+        entry = line.strip()
+        if entry and not entry.startswith("#"):
+            out.add(exclusion_key(entry, root))
+    return out
+
+
+def format_summary(result: CheckResult, max_names: int = 3) -> str:
+    """Human summary: files checked, then one line per problem with its count and the first few file names.
+
+    Args:
+        result: what :func:`run_check` returned.
+        max_names: file names shown per problem.
+
+    Returns:
+        The lines, joined by newlines (no trailing newline).
+    """
+    rep = result.report
+    if result.ok:
+        lines = [f"checked {result.n_files:,} files: no problems found"]
+    else:
+        n_files_bad = rep["path"].nunique()
+        lines = [f"checked {result.n_files:,} files: {len(rep):,} problem(s) in {n_files_bad:,} file(s); "
+                 f"{result.n_bad:,} excluded from training"]
+        excluded = set(result.excluded)
+        width = max(len(p) for p in PROBLEMS)
+        for problem in PROBLEMS:
+            rows = rep[rep["problem"] == problem]
+            if not len(rows):
+                continue
+            names = []
+            for path, detail in zip(rows["path"][:max_names], rows["detail"][:max_names], strict=True):
+                name = Path(path).name
+                if problem == "duplicate":
+                    name += f" (copy of {Path(detail.removeprefix(_DUP_PREFIX)).name})"
+                names.append(name)
+            more = f" (+{len(rows) - max_names:,} more)" if len(rows) > max_names else ""
+            kept = "" if rows["path"].isin(excluded).all() else "  [kept: set exclude_color to exclude]"
+            lines.append(f"  {problem:<{width}} {len(rows):>6,}  {', '.join(names)}{more}{kept}")
+    if result.report_file is not None:
+        lines.append(f"report: {result.report_file}")
+    if result.exclude_file is not None and result.n_bad:
+        lines.append(f"exclusion list: {result.exclude_file} (train with data.exclude_file={result.exclude_file})")
+    return "\n".join(lines)
