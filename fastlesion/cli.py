@@ -1,0 +1,290 @@
+"""``fastlesion`` command line: parses into the config and calls library functions, nothing more.
+
+Any option of the config can be set with a dotted flag (``--optim.lr 3e-4`` or ``--optim.lr=3e-4``); the named
+flags (``--model``, ``--data``, ``--epochs`` ...) are shortcuts for the common ones. User errors print one line
+(``error: ...``) and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from fastlesion.config import ConfigError, load_config, to_dict
+from fastlesion.errors import FastlesionError
+
+SHORTCUTS = {  # flag dest -> dotted config key
+    "data": "data.root", "dataset": "data.dataset", "csv": "data.csv", "fold": "data.fold",
+    "exclude": "data.exclude_file", "image_size": "data.image_size", "model": "model.name",
+    "pretrained": "model.pretrained_path", "epochs": "train.epochs", "batch_size": "loader.batch_size",
+    "workers": "loader.workers", "backend": "loader.backend", "lr": "optim.lr", "ddp": "train.ddp",
+    "out": "run.out",
+}
+
+
+def _dotted(extra: list[str]) -> list[str]:
+    """``["--optim.lr", "3e-4", "--run.quiet=true"]`` -> ``["optim.lr=3e-4", "run.quiet=true"]``."""
+    out, i = [], 0
+    while i < len(extra):
+        tok = extra[i]
+        if not tok.startswith("--") or "." not in tok.split("=", 1)[0]:
+            raise ConfigError(f"unrecognised argument {tok!r} (config keys look like --section.key VALUE)")
+        if "=" in tok:
+            out.append(tok[2:])
+            i += 1
+        else:
+            if i + 1 >= len(extra):
+                raise ConfigError(f"{tok}: missing value")
+            out.append(f"{tok[2:]}={extra[i + 1]}")
+            i += 2
+    return out
+
+
+def _config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="YAML config file (defaults for everything not given)")
+    p.add_argument("--data", metavar="ROOT", help="dataset root (data.root); omit for the built-in synthetic set")
+    p.add_argument("--dataset", metavar="KIND", help="synthetic | isic2020 | ham10000 | csv | folder (data.dataset)")
+    p.add_argument("--csv", help="csv kind: the CSV file (data.csv)")
+    p.add_argument("--model", help="model name (model.name); see `fastlesion models`")
+    p.add_argument("--pretrained", metavar="FILE", help="local weights file (model.pretrained_path)")
+    p.add_argument("--epochs", type=int, help="train.epochs")
+    p.add_argument("--batch-size", dest="batch_size", type=int, help="loader.batch_size (per process)")
+    p.add_argument("--image-size", dest="image_size", type=int, help="data.image_size")
+    p.add_argument("--workers", type=int, help="loader.workers")
+    p.add_argument("--backend", choices=["auto", "dali", "torch"], help="loader.backend")
+    p.add_argument("--lr", type=float, help="optim.lr")
+    p.add_argument("--exclude", metavar="FILE", help="exclusion list from `fastlesion check` (data.exclude_file)")
+
+
+def build_config(args: argparse.Namespace, extra: list[str], base: str | Path | None = None):
+    """Config file (or ``base``), then the shortcut flags, then dotted overrides (last wins)."""
+    overrides = []
+    for dest, key in SHORTCUTS.items():
+        v = getattr(args, dest, None)
+        if v is not None:
+            overrides.append(f"{key}={v}")
+    if getattr(args, "data", None) and not getattr(args, "dataset", None) and not getattr(args, "config", None):
+        from fastlesion.data.catalog import detect_kind
+
+        overrides.append(f"data.dataset={detect_kind(Path(args.data))}")
+    for flag, key in (("quiet", "run.quiet"), ("overwrite", "run.overwrite")):
+        if getattr(args, flag, False):
+            overrides.append(f"{key}=true")
+    return load_config(getattr(args, "config", None) or base, overrides + _dotted(extra))
+
+
+# --------------------------------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.engine.train import train
+
+    if args.resume:
+        cfg = build_config(args, extra, base=Path(args.resume) / "config.yaml")
+        train(cfg, resume=args.resume)
+        return 0
+    cfg = build_config(args, extra)
+    if args.folds == "all":
+        from fastlesion.engine.folds import train_folds
+
+        train_folds(cfg)
+    else:
+        train(cfg)
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.data.synthetic import generate
+
+    size = None
+    if args.size:
+        w, _, h = args.size.partition("x")
+        size = (int(w), int(h)) if h else int(w)
+    out = generate(args.layout, args.out, n=args.n, seed=args.seed, size=size, large=args.large,
+                   positive_rate=args.positive_rate, workers=args.workers, progress=True)
+    print(f"wrote {args.n} {args.layout} images to {out}")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.data.catalog import detect_kind, load_dataset
+    from fastlesion.data.validate import format_summary, run_check
+
+    root = Path(args.root)
+    kind = args.dataset or detect_kind(root)
+    overrides = [f"data.root={root}", f"data.dataset={kind}"] + ([f"data.csv={args.csv}"] if args.csv else [])
+    cfg = load_config(None, overrides + _dotted(extra))
+    ds = load_dataset(cfg.data, strict=False, use_exclude=False)
+    out = Path(args.out) if args.out else root
+    res = run_check(ds.table["path"].tolist(), out, root=ds.root, workers=args.workers, progress=not args.quiet,
+                    missing=ds.missing)
+    print(format_summary(res))
+    return 0 if res.ok else 1
+
+
+def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.data.resize import prepare
+
+    res = prepare(args.src, args.out, size=args.size, mode=args.mode, dataset=args.dataset, workers=args.workers,
+                  progress=not args.quiet)
+    print(res)
+    return 1 if getattr(res, "failed", None) else 0
+
+
+def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from fastlesion.models import describe_models
+
+    t = Table(title="fastlesion models (params with 2 classes)")
+    for c in ("name", "family", "params", "note"):
+        t.add_column(c, justify="right" if c == "params" else "left")
+    for r in describe_models(num_classes=args.num_classes):
+        t.add_row(r["name"], r.get("family", ""), f"{r['params'] / 1e6:.2f}M", r.get("note", ""))
+    Console().print(t)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.engine.inference import eval_checkpoint
+
+    overrides = _dotted(extra) + ([f"data.root={args.data}"] if args.data else []) + (
+        [f"data.dataset={args.dataset}"] if args.dataset else [])
+    r = eval_checkpoint(args.checkpoint, overrides, split=args.split, tta=args.tta, out=args.out)
+    keys = ("auc", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "loss")
+    print(f"{args.split} ({r['n']} images{', flip TTA' if args.tta else ''}): "
+          + "  ".join(f"{k} {r[k]:.4f}" for k in keys) + f"\nwrote {r['out']}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.engine.inference import predict
+
+    df = predict(args.checkpoint, args.data, args.out, tta=args.tta, overrides=_dotted(extra))
+    print(f"wrote {len(df)} predictions to {args.out}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.report import compare_runs, print_comparison, write_comparison
+
+    df = compare_runs(args.runs)
+    print_comparison(df)
+    paths = write_comparison(df, args.out)
+    print("wrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
+
+
+def cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
+    import yaml
+
+    from fastlesion.config import describe
+
+    if args.reference:
+        print("| key | type | default | meaning |\n|---|---|---|---|")
+        for key, tp, default, help_ in describe():
+            print(f"| `{key}` | {tp} | `{default}` | {help_} |")
+        return 0
+    print(yaml.safe_dump(to_dict(build_config(args, extra)), sort_keys=False), end="")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------------- parser
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fastlesion", description="Fast, fair training of skin-lesion classifiers. "
+                                "Any config key can be set as --section.key VALUE (see `fastlesion config`).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__import__('fastlesion').__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a model (one fold, every fold, or under DDP)")
+    _config_args(t)
+    t.add_argument("--ddp", type=int, help="start N local DDP workers (train.ddp); torchrun sets its own")
+    t.add_argument("--out", help="run folder (run.out)")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
+    t.add_argument("--overwrite", action="store_true", help="replace a run folder that holds another run")
+    t.add_argument("--fold", type=int, help="validation fold (data.fold)")
+    t.add_argument("--folds", choices=["all"], help="'all': train every fold and report mean ± std and OOF AUC")
+    t.add_argument("--quiet", action="store_true", help="no progress bars: one line per epoch")
+    t.set_defaults(fn=cmd_train)
+
+    s = sub.add_parser("synth", help="write a synthetic ISIC 2020 / HAM10000 dataset")
+    s.add_argument("--layout", choices=["isic2020", "ham10000"], default="isic2020")
+    s.add_argument("--out", required=True)
+    s.add_argument("--n", type=int, default=800, help="number of training images")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--size", help="image width (height = 3/4) or WxH; default: a mix of sizes around 600x450")
+    s.add_argument("--large", action="store_true", help="2000-6000 px wide images, like the ISIC originals")
+    s.add_argument("--positive-rate", type=float, help="fraction of malignant images (isic2020 default 0.05)")
+    s.add_argument("--workers", type=int, default=2)
+    s.set_defaults(fn=cmd_synth)
+
+    c = sub.add_parser("check", help="decode every image; report problems; write an exclusion list")
+    c.add_argument("root", metavar="DATA_ROOT")
+    c.add_argument("--dataset", metavar="KIND", help="isic2020 | ham10000 | csv | folder (default: detected)")
+    c.add_argument("--csv", help="csv kind: the CSV file")
+    c.add_argument("--out", help="where check_report.csv and exclude.txt go (default: DATA_ROOT)")
+    c.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
+    c.add_argument("--quiet", action="store_true")
+    c.set_defaults(fn=cmd_check)
+
+    r = sub.add_parser("prepare", help="write a resized copy of a dataset (cheap reduced-size JPEG decoding)")
+    r.add_argument("src", metavar="SRC")
+    r.add_argument("--size", type=int, default=512)
+    r.add_argument("--out", required=True, metavar="DST")
+    r.add_argument("--mode", choices=["shorter", "square"], default="shorter")
+    r.add_argument("--dataset", metavar="KIND", help="layout of SRC (default: detected)")
+    r.add_argument("--workers", type=int, default=0)
+    r.add_argument("--quiet", action="store_true")
+    r.set_defaults(fn=cmd_prepare)
+
+    m = sub.add_parser("models", help="list model names with parameter counts")
+    m.add_argument("--num-classes", type=int, default=2)
+    m.set_defaults(fn=cmd_models)
+
+    e = sub.add_parser("eval", help="metrics and plots of a checkpoint on a split")
+    e.add_argument("checkpoint")
+    e.add_argument("--data", metavar="ROOT", help="another dataset root than the checkpoint's")
+    e.add_argument("--dataset", metavar="KIND")
+    e.add_argument("--split", choices=["val", "test", "all"], default="val")
+    e.add_argument("--tta", action="store_true", help="average over flips")
+    e.add_argument("--out", help="output folder (default: next to the checkpoint)")
+    e.set_defaults(fn=cmd_eval)
+
+    pr = sub.add_parser("predict", help="predict ISIC test.csv (submission CSV) or a folder of images")
+    pr.add_argument("checkpoint")
+    pr.add_argument("--data", required=True, metavar="ROOT", help="ISIC root with test.csv, or a folder of images")
+    pr.add_argument("--out", default="submission.csv")
+    pr.add_argument("--tta", action="store_true", help="average over flips")
+    pr.set_defaults(fn=cmd_predict)
+
+    co = sub.add_parser("compare", help="compare run folders: table, CSV, Markdown and plot")
+    co.add_argument("runs", nargs="+", metavar="RUN_DIR")
+    co.add_argument("--out", default="comparison", help="output folder")
+    co.set_defaults(fn=cmd_compare)
+
+    cf = sub.add_parser("config", help="print the resolved config (or --reference: every key)")
+    _config_args(cf)
+    cf.add_argument("--reference", action="store_true", help="Markdown table of every key")
+    cf.set_defaults(fn=cmd_config)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        code = args.fn(args, extra)
+    except FastlesionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

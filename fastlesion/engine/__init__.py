@@ -1,0 +1,1 @@
+"""Training engine: step, epoch, evaluation, checkpoints, train(cfg)."""

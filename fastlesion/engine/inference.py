@@ -1,0 +1,130 @@
+"""``fastlesion eval`` and ``fastlesion predict``: a checkpoint on a split, or on unlabelled images.
+
+A checkpoint carries its model name, class names and the config it was trained with, so evaluation needs only the
+checkpoint; the dataset can be overridden (another root, another fold, the holdout test split).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from fastlesion.config import Config, apply_overrides, config_from_dict
+from fastlesion.data.catalog import load_dataset, load_isic2020_test
+from fastlesion.data.loader import build_loader
+from fastlesion.data.splits import split_dataset
+from fastlesion.engine import checkpoint as ckpt
+from fastlesion.engine.loop import evaluate
+from fastlesion.engine.runtime import Runtime, resolve_runtime
+from fastlesion.errors import FastlesionError
+
+
+def load_checkpoint_model(path: str | Path, rt: Runtime) -> tuple[nn.Module, dict[str, Any], Config]:
+    """The eager model of a checkpoint on ``rt.device``, the checkpoint dict and its config."""
+    from fastlesion.models import create_model
+
+    state = ckpt.load(path)
+    if "model" not in state or "classes" not in state:
+        raise FastlesionError(f"{path}: not a fastlesion checkpoint (no 'model'/'classes')")
+    cfg = config_from_dict(state["config"], str(path))
+    model = create_model(state["model_name"], num_classes=len(state["classes"]))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as e:
+        raise FastlesionError(f"{path}: weights do not fit {state['model_name']} "
+                              f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
+    return model.eval(), state, cfg
+
+
+def _config(saved: Config, overrides: list[str] | dict | None) -> Config:
+    from fastlesion.config import to_dict
+
+    return config_from_dict(apply_overrides(to_dict(saved), overrides or []))
+
+
+def eval_checkpoint(path: str | Path, overrides: list[str] | dict | None = None, split: str = "val",
+                    tta: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+    """Metrics (and plots, predictions) of a checkpoint on ``split``: ``val`` (its fold), ``test`` (holdout) or
+    ``all`` (every image of the dataset). Results go to ``out`` (default ``<checkpoint folder>/eval_<split>``)."""
+    from fastlesion import report
+    from fastlesion.engine.train import predictions_frame
+    from fastlesion.metrics import classification_metrics
+
+    state = ckpt.load(path)
+    cfg = _config(config_from_dict(state["config"], str(path)), overrides)
+    rt = resolve_runtime(cfg.train)
+    model, state, _ = load_checkpoint_model(path, rt)
+    ds = load_dataset(cfg.data, progress=False)
+    if list(ds.classes) != list(state["classes"]):
+        raise FastlesionError(f"{path}: checkpoint classes {state['classes']} do not match the dataset's "
+                              f"{ds.classes}")
+    if split == "all":
+        table = ds.table
+    else:
+        parts = split_dataset(ds, cfg.data)
+        table = {"val": parts.val, "test": parts.test}.get(split)
+        if table is None:
+            raise FastlesionError(f"--split must be val, test or all, got {split!r}")
+        if len(table) == 0:
+            raise FastlesionError(f"the {split} split is empty (set data.holdout > 0 for a test split)")
+    loader = build_loader(table, cfg.loader, cfg.data.image_size, train=False, device=rt.device,
+                          channels_last=rt.channels_last)
+    res = evaluate(model, loader, rt, tta=tta)
+    m = classification_metrics(res.labels, res.probs, ds.classes)
+    out = Path(out) if out else Path(path).parent / f"eval_{split}"
+    out.mkdir(parents=True, exist_ok=True)
+    predictions_frame(table, res, ds.classes).to_csv(out / "predictions.csv", index=False)
+    if len(set(res.labels)) > 1:
+        report.plot_roc(res.labels, res.probs, ds.classes, out / "roc.png")
+    report.plot_confusion(m["confusion"], ds.classes, out / "confusion.png")
+    result = {"checkpoint": str(path), "split": split, "tta": tta, "n": len(res.labels), "loss": res.loss, **m}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    result["out"] = str(out)
+    return result
+
+
+def image_table(data: str | Path) -> tuple[pd.DataFrame, str]:
+    """Unlabelled images to predict: an ISIC root (its ``test.csv``) or a folder of images."""
+    from fastlesion.data.catalog import IMAGE_EXTS
+
+    root = Path(data)
+    if (root / "test.csv").is_file():
+        return load_isic2020_test(root), "image_name"
+    if root.is_dir():
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        if files:
+            return pd.DataFrame({"path": [str(p) for p in files], "image": [p.stem for p in files]}), "image"
+    raise FastlesionError(f"{root}: neither an ISIC root with test.csv nor a folder of images")
+
+
+def predict(path: str | Path, data: str | Path, out: str | Path, tta: bool = False,
+            overrides: list[str] | dict | None = None) -> pd.DataFrame:
+    """Predict ``data`` with a checkpoint and write ``out``.
+
+    Binary models write the ISIC submission format ``image_name,target`` (target = malignant probability);
+    multiclass models write one probability column per class.
+    """
+    state = ckpt.load(path)
+    cfg = _config(config_from_dict(state["config"], str(path)), overrides)
+    rt = resolve_runtime(cfg.train)
+    model, state, _ = load_checkpoint_model(path, rt)
+    table, id_col = image_table(data)
+    table = table.assign(label=0)
+    loader = build_loader(table, cfg.loader, cfg.data.image_size, train=False, device=rt.device,
+                          channels_last=rt.channels_last)
+    res = evaluate(model, loader, rt, tta=tta)
+    ids = table[id_col].to_numpy()[res.idx]
+    classes = state["classes"]
+    if len(classes) == 2:
+        df = pd.DataFrame({id_col: ids, "target": res.probs[:, 1]})
+    else:
+        df = pd.DataFrame({id_col: ids, **{c: res.probs[:, i] for i, c in enumerate(classes)}})
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    df.to_csv(out, index=False)
+    return df
