@@ -47,6 +47,7 @@ class DataConfig:
     synthetic_layout: str = _f("isic2020", "synthetic kind: layout generated (isic2020 | ham10000)")
     synthetic_size: int = _f(160, "synthetic kind: width in pixels of the generated images")
     synthetic_seed: int = _f(0, "synthetic kind: generator seed")
+    synthetic_positive_rate: float = _f(0.2, "synthetic kind: malignant fraction (20 %: ~30 per validation fold)")
     num_folds: int = _f(5, "number of stratified group k-fold folds")
     fold: int = _f(0, "validation fold trained against (0 .. num_folds-1)")
     holdout: float = _f(0.0, "fraction of groups held out as a test split before the folds (0 = none)")

@@ -254,7 +254,8 @@ def load_folder(root: Path, strict: bool = True, exclude: set[str] | None = None
 
 def synthetic_root(cfg: DataConfig) -> Path:
     """The cache folder of the built-in synthetic set (generated on first use)."""
-    name = f"{cfg.synthetic_layout}-n{cfg.synthetic_n}-w{cfg.synthetic_size}-s{cfg.synthetic_seed}"
+    name = (f"{cfg.synthetic_layout}-n{cfg.synthetic_n}-w{cfg.synthetic_size}-p{cfg.synthetic_positive_rate:g}"
+            f"-s{cfg.synthetic_seed}")
     return cache_dir() / "synthetic" / name
 
 
@@ -264,7 +265,8 @@ def ensure_synthetic(cfg: DataConfig, progress: bool = True) -> Path:
 
     root = Path(cfg.root) if cfg.root else synthetic_root(cfg)
     return generate(cfg.synthetic_layout, root, n=cfg.synthetic_n, seed=cfg.synthetic_seed,
-                    size=cfg.synthetic_size, workers=min(4, os.cpu_count() or 1), progress=progress)
+                    size=cfg.synthetic_size, positive_rate=cfg.synthetic_positive_rate,
+                    workers=min(4, os.cpu_count() or 1), progress=progress)
 
 
 def detect_kind(root: Path) -> str:

@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Hyperparameter search with Ray Tune and ASHA: ``python tune/asha.py --data ROOT --num-samples 32``.
+
+Takes the same config file, shortcut flags and dotted overrides as ``fastlesion train`` (the base config), a search
+space file (default ``tune/space.yaml``) and the ASHA/resource settings; the logic is in :mod:`fastlesion.tune`.
+Examples::
+
+    python tune/asha.py --data /data/isic2020 --dataset isic2020 --num-samples 32 --epochs 12 --gpus-per-trial 1
+    python tune/asha.py --address auto ...          # an existing Ray cluster (ray start --head on the head node)
+    python tune/asha.py --resume runs/tune-20250101-120000/asha
+
+User errors print one line (``error: ...``) and exit with status 2; an interrupted search exits with 130 and
+tells how to resume it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fastlesion.cli import _config_args, build_config
+from fastlesion.errors import FastlesionError
+
+
+def make_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python tune/asha.py",
+        description="Search learning rate, optimizer, model and regularisation with Ray Tune's ASHA scheduler on "
+                    "validation AUC. The base config is built like `fastlesion train` (config file, flags, "
+                    "--section.key VALUE overrides); --epochs is ASHA's max_t.")
+    _config_args(p)
+    p.add_argument("--fold", type=int, help="validation fold (data.fold)")
+    s = p.add_argument_group("search")
+    s.add_argument("--space", metavar="FILE", default=str(Path(__file__).resolve().parent / "space.yaml"),
+                   help="search space YAML (default: tune/space.yaml)")
+    s.add_argument("--num-samples", type=int, default=16, help="number of trials (default 16)")
+    s.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (1)")
+    s.add_argument("--reduction-factor", type=float, default=2.0,
+                   help="ASHA: keep the top 1/N of trials at each rung (2)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the random search (0)")
+    r = p.add_argument_group("resources")
+    r.add_argument("--gpus-per-trial", type=float, default=None,
+                   help="GPUs per trial, fractions allowed (default: 1 if there are GPUs, else 0 = CPU trials)")
+    r.add_argument("--cpus-per-trial", type=float, default=None,
+                   help="CPUs per trial (default: the CPUs shared among the GPU slots; 1 without GPUs)")
+    r.add_argument("--address", help="existing Ray cluster: auto, or ray://HOST:10001 (default: a local Ray)")
+    r.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a failed trial from its last checkpoint (2; -1 = forever)")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", dest="tune_out", metavar="DIR",
+                   help="experiment storage folder (default: runs/tune-<time>)")
+    o.add_argument("--name", default="asha", help="experiment name: results go to <out>/<name> (asha)")
+    o.add_argument("--resume", metavar="DIR", help="continue an interrupted experiment (<out>/<name>)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log more")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        from fastlesion import tune as ft
+
+        ft.import_ray()
+        if args.resume:
+            res = ft.resume_search(args.resume, address=args.address)
+        else:
+            cfg = build_config(args, extra)
+            space = ft.load_space(args.space)
+            settings = ft.TuneSettings(
+                num_samples=args.num_samples, max_t=cfg.train.epochs, grace_period=args.grace_period,
+                reduction_factor=args.reduction_factor, gpus_per_trial=args.gpus_per_trial,
+                cpus_per_trial=args.cpus_per_trial, seed=args.seed, max_failures=args.max_failures)
+            out = Path(args.tune_out) if args.tune_out else Path("runs") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
+            res = ft.run_search(cfg, space, settings, experiment_dir=out / args.name, address=args.address)
+    except FastlesionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 130 if res.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
