@@ -127,8 +127,8 @@ def cmd_prepare(args: argparse.Namespace, extra: list[str]) -> int:
 
     res = prepare(args.src, args.out, size=args.size, mode=args.mode, dataset=args.dataset, workers=args.workers,
                   progress=not args.quiet)
-    print(res)
-    return 1 if getattr(res, "failed", None) else 0
+    print(res.summary())
+    return 0 if res.ok else 1
 
 
 def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:

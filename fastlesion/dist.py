@@ -98,7 +98,7 @@ def check_world(n: int, device_type: str) -> None:
         have = torch.cuda.device_count()
         if n > have:
             raise FastlesionError(f"--ddp {n} asks for {n} GPUs but {have} are visible "
-                                  "(CUDA_VISIBLE_DEVICES); use --ddp {have} or torchrun for multi-node")
+                                  f"(CUDA_VISIBLE_DEVICES); use --ddp {have} or torchrun for multi-node")
 
 
 def _worker(local_rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:

@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from fastlesion.config import Config, apply_overrides, config_from_dict
+from fastlesion.config import Config, apply_overrides, config_from_dict, to_dict
 from fastlesion.data.catalog import load_dataset, load_isic2020_test
 from fastlesion.data.loader import build_loader
 from fastlesion.data.splits import split_dataset
@@ -43,8 +43,6 @@ def load_checkpoint_model(path: str | Path, rt: Runtime) -> tuple[nn.Module, dic
 
 
 def _config(saved: Config, overrides: list[str] | dict | None) -> Config:
-    from fastlesion.config import to_dict
-
     return config_from_dict(apply_overrides(to_dict(saved), overrides or []))
 
 
