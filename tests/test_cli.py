@@ -20,7 +20,8 @@ def test_synth_check_prepare(tmp_path, capsys):
     assert (root / "exclude.txt").read_text().splitlines()[-1] == f"train/{first.name}"
 
     out = tmp_path / "small"
-    assert main(["prepare", str(root), "--size", "32", "--out", str(out), "--quiet", "--workers", "1"]) == 1  # the bad file
+    # exit status 1: the truncated file cannot be resized
+    assert main(["prepare", str(root), "--size", "32", "--out", str(out), "--quiet", "--workers", "1"]) == 1
     good = sorted((out / "train").iterdir())[-1]
     assert min(Image.open(good).size) == 32 and (out / "train.csv").is_file()
 
@@ -34,5 +35,6 @@ def test_models_lists_names(capsys):
 
 def test_synth_ham_layout(tmp_path):
     root = tmp_path / "ham"
-    assert main(["synth", "--layout", "ham10000", "--out", str(root), "--n", "20", "--size", "48", "--workers", "1"]) == 0
+    args = ["synth", "--layout", "ham10000", "--out", str(root), "--n", "20", "--size", "48", "--workers", "1"]
+    assert main(args) == 0
     assert (root / "HAM10000_metadata.csv").is_file() and Path(root / "HAM10000_images_part_1").is_dir()
