@@ -1,0 +1,271 @@
+"""Smoke tests of the benchmarks (tiny settings, CPU) and of the cross-machine comparison."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ package lives at the repo root
+
+from benchmarks import common, compare, end_to_end, loader_throughput, train_throughput  # noqa: E402
+
+TRAIN_KEYS = {"bench", "model", "mode", "compile", "amp", "channels_last", "image_size", "batch_size",
+              "requested_batch_size", "images_per_s", "step_ms", "compile_seconds", "peak_mem_mb", "status", "error",
+              "device_name", "notes", "timestamp", "fingerprint", "settings"}
+E2E_KEYS = {"model", "mode", "backend", "loader_device", "batch_size", "image_size", "workers", "images_per_s",
+            "synthetic_images_per_s", "fraction_of_synthetic", "data_wait_ms", "gpu_util_mean", "gpu_mem_mb",
+            "cpu_util_percent", "device_name", "fingerprint", "settings", "status"}
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two spinning threads make tiny steps 10-50x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def test_mode_names_round_trip():
+    modes = common.all_modes()
+    assert len(modes) == 12 and len(set(modes)) == 12
+    assert modes[0] == "eager-fp32-nchw" and "compile-bf16-cl" in modes
+    for m in modes:
+        assert common.mode_name(*common.parse_mode(m)) == m
+    with pytest.raises(ValueError, match="eager|compile"):
+        common.parse_mode("jit-fp32-nchw")
+
+
+def test_mode_ratios_pairs_one_switch():
+    rows = [{"model": "m", "image_size": 32, "batch_size": 4, "mode": mode, "images_per_s": v, "status": "ok"}
+            for mode, v in [("eager-fp32-nchw", 10.0), ("eager-bf16-nchw", 20.0), ("eager-fp32-cl", 15.0),
+                            ("compile-fp32-nchw", 30.0), ("compile-bf16-cl", 80.0)]]
+    rows.append({**rows[0], "mode": "eager-fp16-nchw", "images_per_s": 99.0, "status": "failed"})
+    by = {r["comparison"]: r for r in common.mode_ratios(rows)}
+    assert by["bf16 AMP vs fp32"]["ratio"] == pytest.approx(2.0)
+    assert by["channels_last vs NCHW"]["ratio"] == pytest.approx(1.5)
+    assert by["compile vs eager"]["ratio"] == pytest.approx(3.0)
+    assert "fp16 AMP vs fp32" not in by  # failed rows do not count
+    assert by["best vs eager-fp32-nchw"]["ratio"] == pytest.approx(8.0)
+    assert by["best vs eager-fp32-nchw"]["pairs"][0][1] == "compile-bf16-cl"
+
+
+def test_gpu_sampler_without_gpu_or_nvml_never_raises():
+    s = common.GpuSampler(torch.device("cpu")).start()
+    summary = s.stop()
+    assert summary["gpu_util_mean"] is None and summary["gpu_mem_mb"] is None and "no GPU" in summary["gpu_note"]
+    if not torch.cuda.is_available():  # a CUDA device asked for where there is none / no NVML: a note, no crash
+        with common.GpuSampler(torch.device("cuda", 0)) as s:
+            time.sleep(0.05)
+        assert s.summary()["gpu_util_mean"] is None and s.summary()["gpu_note"]
+
+
+def test_cpu_meter_sees_work():
+    meter = common.CpuMeter().start()
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < 0.3:
+        sum(range(1000))
+    res = meter.stop()
+    assert res["cpu_cores"] >= 1
+    assert res["proc_cpu_percent"] > 0
+    assert res["cpu_util_percent"] is None or 0 <= res["cpu_util_percent"] <= 100.5
+
+
+def test_append_jsonl_appends_and_cleans(tmp_path):
+    out = tmp_path / "sub" / "r.jsonl"
+    common.append_jsonl(out, {"a": 1.0, "b": float("nan"), "d": torch.float16})
+    common.append_jsonl(out, [{"a": 2}])
+    rows = read_rows(out)
+    assert rows == [{"a": 1.0, "b": None, "d": "torch.float16"}, {"a": 2}]
+
+
+# ------------------------------------------------------------------------------------------------ train_throughput
+def test_train_throughput_quick_writes_rows(tmp_path, one_thread):
+    out = tmp_path / "train.jsonl"
+    rows = train_throughput.run(["--quick", "--models", "lenet,resnet18", "--modes",
+                                 "eager-fp32-nchw,eager-bf16-nchw", "--out", str(out)])
+    written = read_rows(out)
+    assert len(rows) == len(written) == 4
+    for r in written:
+        assert TRAIN_KEYS <= set(r), TRAIN_KEYS - set(r)
+        assert r["status"] == "ok", r["error"]
+        assert r["images_per_s"] > 0 and r["step_ms"] > 0 and r["peak_mem_mb"] > 0
+        assert r["images_per_s"] == pytest.approx(r["batch_size"] * 1000 / r["step_ms"], rel=0.01)
+        assert r["batch_size"] == r["requested_batch_size"] == 4 and r["image_size"] == 32
+        assert r["compile_seconds"] is None and r["compile"] is False
+        assert isinstance(r["fingerprint"], dict) and r["fingerprint"]
+        assert r["settings"]["steps"] == 2 and r["settings"]["quick"] is True
+        assert r["device_name"]
+        if not torch.cuda.is_available():
+            assert r["device"] == "cpu" and "no GPU" in r["notes"]
+    assert {(r["model"], r["mode"]) for r in written} == {(m, k) for m in ("lenet", "resnet18")
+                                                          for k in ("eager-fp32-nchw", "eager-bf16-nchw")}
+    assert {r["amp"] for r in written} == {"fp32", "bf16"}
+
+
+def test_train_throughput_compile_row(tmp_path, one_thread, capsys):
+    out = tmp_path / "compile.jsonl"
+    rows = train_throughput.run(["--quick", "--models", "lenet", "--modes", "eager-fp32-nchw,compile-fp32-nchw",
+                                 "--out", str(out)])
+    by = {r["mode"]: r for r in read_rows(out)}
+    assert len(rows) == 2
+    row = by["compile-fp32-nchw"]
+    assert row["compile"] is True
+    if row["status"] == "ok":
+        assert row["compile_seconds"] is not None and row["compile_seconds"] >= 0
+        assert row["first_step_s"] >= row["compile_seconds"]
+        assert "compile vs eager" in capsys.readouterr().out
+    else:  # no C++ toolchain: recorded as failed, the run went on
+        assert row["status"] == "failed" and row["error"]
+    assert by["eager-fp32-nchw"]["status"] == "ok"
+
+
+def test_train_throughput_halves_batch_on_oom_and_records_failures(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_measure(name, image_size, batch, mode, device, args):
+        calls.append((name, batch))
+        if name == "broken":
+            raise RuntimeError("Compilation failed\nlong traceback line")
+        if batch > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"images_per_s": 10.0, "step_ms": 100.0, "first_step_s": 1.0, "compile_seconds": None,
+                "peak_mem_mb": 1.0}
+
+    monkeypatch.setattr(train_throughput, "measure_case", fake_measure)
+    out = tmp_path / "oom.jsonl"
+    rows = train_throughput.run(["--models", "broken,lenet", "--modes", "eager-fp32-nchw", "--batch-sizes", "4",
+                                 "--image-sizes", "32", "--out", str(out)])
+    assert [r["status"] for r in rows] == ["failed", "ok"]
+    assert rows[0]["error"] == "RuntimeError: Compilation failed" and rows[0]["images_per_s"] is None
+    assert calls == [("broken", 4), ("lenet", 4), ("lenet", 2), ("lenet", 1)]
+    assert rows[1]["batch_size"] == 1 and rows[1]["requested_batch_size"] == 4
+    assert "out of memory at batch 4" in rows[1]["notes"] and "out of memory at batch 2" in rows[1]["notes"]
+    assert len(read_rows(out)) == 2
+
+
+def test_train_throughput_bad_mode_is_a_clear_error():
+    with pytest.raises(SystemExit, match="fp64"):
+        train_throughput.run(["--quick", "--modes", "eager-fp64-nchw"])
+
+
+# ------------------------------------------------------------------------------------------------ end_to_end
+def test_end_to_end_quick_writes_rows(tmp_path, one_thread):
+    from fastlesion.data.loader import dali_available
+
+    out = tmp_path / "e2e.jsonl"
+    backends = ["torch"] + (["dali-cpu"] if dali_available() else [])
+    rows = end_to_end.run(["--quick", "--backends", ",".join(backends), "--out", str(out)])
+    written = read_rows(out)
+    assert len(rows) == len(written) == len(backends)
+    for r, backend in zip(written, backends):
+        assert E2E_KEYS <= set(r), E2E_KEYS - set(r)
+        assert r["status"] == "ok", r["error"]
+        assert r["backend"] == backend and r["loader_backend"] == backend.split("-")[0]
+        assert r["images_per_s"] > 0 and r["synthetic_images_per_s"] > 0 and r["data_wait_ms"] >= 0
+        assert r["fraction_of_synthetic"] == pytest.approx(r["images_per_s"] / r["synthetic_images_per_s"],
+                                                           rel=1e-3)
+        assert r["batch_size"] == 8 and r["image_size"] == 64 and r["workers"] == 1 and r["num_images"] == 32
+        assert r["mode"] == common.mode_name(r["compile"], r["amp"], r["channels_last"])
+        assert r["cpu_util_percent"] is None or r["cpu_util_percent"] >= 0
+        assert r["proc_cpu_percent"] > 0
+        if not torch.cuda.is_available():
+            assert r["gpu_util_mean"] is None and r["gpu_mem_mb"] is None and "GPU" in r["notes"]
+            assert r["loader_device"] == "cpu"
+
+
+def test_end_to_end_dali_gpu_without_gpu_is_skipped_not_crashed(tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    monkeypatch.setattr(end_to_end, "measure_backend", lambda *a, **k: pytest.fail("must not measure"))
+    rows = end_to_end.run(["--quick", "--backends", "dali-gpu", "--out", str(tmp_path / "x.jsonl")])
+    assert rows[0]["status"] == "skipped" and "CUDA" in rows[0]["error"]
+
+
+# ------------------------------------------------------------------------------------------------ loader
+def test_loader_throughput_smoke_rows_and_compare(tmp_path, one_thread):
+    from fastlesion.data.loader import dali_available
+
+    out = tmp_path / "loader.jsonl"
+    backends = ["torch"] + (["dali-cpu"] if dali_available() else [])
+    argv = ["--scales", "medium", "--n", "24", "--threads", "1", "--batch-size", "4", "--image-size", "32",
+            "--repeats", "2", "--warmup", "1", "--warmup-epochs", "0", "--backends", ",".join(backends),
+            "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert loader_throughput.main(argv) == 0
+    rows = read_rows(out)
+    assert [r["mode"] for r in rows] == backends
+    for r in rows:
+        for key in ("backend", "device", "image_scale", "threads", "images_per_s", "fingerprint"):
+            assert key in r, key
+        assert set(common.REQUIRED_KEYS) <= set(r)
+        assert r["image_scale"] == "medium" and r["threads"] == 1 and r["images_per_s"] > 0
+        assert len(r["runs_images_per_s"]) == 2 and r["timed_images_per_repeat"] == 20  # 24 images, 1 batch dropped
+        assert r["image_dims"] == "600x450" and r["device"] == "cpu"
+    assert rows[0]["ratio_vs_torch"] == pytest.approx(1.0)
+    if len(rows) == 2:
+        assert rows[1]["ratio_vs_torch"] == pytest.approx(rows[1]["images_per_s"] / rows[0]["images_per_s"], rel=0.01)
+    res = compare.compare([str(out)], out=tmp_path / "cmp", plots=False)  # loader rows merge like the others
+    assert {c.split(" ")[0] for c in res["table"]["config"]} == set(backends)
+
+
+# ------------------------------------------------------------------------------------------------ compare
+def _row(model, mode, ips, fp, device, bench="train_step", **kw):
+    return {"bench": bench, "model": model, "mode": mode, "batch_size": 64, "requested_batch_size": 64,
+            "image_size": 224, "images_per_s": ips, "device_name": device, "status": "ok", "fingerprint": fp, **kw}
+
+
+def test_compare_two_machines(tmp_path):
+    cpu_fp = {"cpu": {"model": "Intel Xeon Test", "cores": 2}, "hostname": "box", "ram_gb": 24}
+    gpu_fp = {"gpus": [{"name": "NVIDIA A100-SXM4-80GB", "memory_mb": 81920}], "hostname": "gpu1"}
+    a, b = tmp_path / "cpu.jsonl", tmp_path / "gpu.jsonl"
+    common.append_jsonl(a, [_row("resnet18", "eager-fp32-nchw", 10.0, cpu_fp, "cpu: Intel Xeon Test"),
+                            _row("resnet18", "eager-fp32-nchw", 14.0, cpu_fp, "cpu: Intel Xeon Test"),  # median 12
+                            _row("resnet50", "eager-fp32-nchw", 4.0, cpu_fp, "cpu: Intel Xeon Test"),
+                            _row("resnet50", "eager-bf16-cl", 5.0, cpu_fp, "cpu: Intel Xeon Test",
+                                 status="failed"),
+                            _row("resnet18", "eager-fp32-nchw", 5.0, cpu_fp, "cpu: Intel Xeon Test",
+                                 bench="end_to_end", backend="torch")])
+    common.append_jsonl(b, [_row("resnet18", "eager-fp32-nchw", 600.0, gpu_fp, "NVIDIA A100-SXM4-80GB"),
+                            _row("resnet50", "eager-fp32-nchw", 400.0, gpu_fp, "NVIDIA A100-SXM4-80GB"),
+                            _row("resnet50", "eager-bf16-cl", 1000.0, gpu_fp, "NVIDIA A100-SXM4-80GB"),
+                            _row("resnet18", "eager-fp32-nchw", 500.0, gpu_fp, "NVIDIA A100-SXM4-80GB",
+                                 bench="end_to_end", backend="torch")])
+    out = tmp_path / "cmp"
+    assert compare.main([str(a), str(b), "--out", str(out)]) == 0
+    with open(out / "comparison.csv") as f:
+        table = list(csv.DictReader(f))
+    cpu_m, gpu_m = "Intel Xeon Test (2 cores) @ box", "NVIDIA A100-SXM4-80GB"
+    by = {(r["bench"], r["model"], r["config"]): r for r in table}
+    assert len(by) == 4
+    r18 = by[("train_step", "resnet18", "eager-fp32-nchw")]
+    assert float(r18[cpu_m]) == pytest.approx(12.0) and float(r18[f"{cpu_m} / ref"]) == pytest.approx(1.0)
+    assert float(r18[f"{gpu_m} / ref"]) == pytest.approx(50.0)
+    assert float(by[("train_step", "resnet50", "eager-fp32-nchw")][f"{gpu_m} / ref"]) == pytest.approx(100.0)
+    only_gpu = by[("train_step", "resnet50", "eager-bf16-cl")]  # the CPU row failed: no reference, no ratio
+    assert float(only_gpu[gpu_m]) == pytest.approx(1000.0) and only_gpu[f"{gpu_m} / ref"] == ""
+    assert float(by[("end_to_end", "resnet18", "torch eager-fp32-nchw")][f"{gpu_m} / ref"]) == pytest.approx(100.0)
+    md = (out / "comparison.md").read_text()
+    assert "Reference: **Intel Xeon Test (2 cores) @ box**" in md and "600.0 (50.00x)" in md and "no GPU" in md
+    for model in ("resnet18", "resnet50"):
+        png = out / f"{model}.png"
+        assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    res = compare.compare([str(a), str(b)], reference="a100", out=tmp_path / "cmp2", plots=False)
+    assert res["reference"] == gpu_m
+    t = res["table"].set_index(["bench", "model", "config"])
+    assert t.loc[("train_step", "resnet18", "eager-fp32-nchw"), f"{cpu_m} / ref"] == pytest.approx(0.02)
+    assert math.isnan(t.loc[("train_step", "resnet50", "eager-bf16-cl"), cpu_m])
+    with pytest.raises(SystemExit, match="matches no machine"):
+        compare.compare([str(a), str(b)], reference="H100", out=tmp_path / "cmp3", plots=False)
