@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from fastlesion.config import load_config
@@ -57,8 +58,15 @@ def test_oversampling_raises_minority_share(tiny_isic):
     for epoch in range(3):
         loader.set_epoch(epoch)
         drawn.append(labels[np.array(loader.sampler.indices)])
+        assert loader.effective_class_ratio[1] == pytest.approx(np.mean(drawn[-1]), abs=0.1)  # the reported ratio
     drawn = np.concatenate(drawn)
     assert drawn.mean() > labels.mean() + 0.1
+
+    from fastlesion.engine.train import oversample_line
+
+    line = oversample_line(loader, ["benign", "malignant"])
+    assert line.startswith("oversampling: class ratio per epoch benign ")
+    assert f"malignant {loader.effective_class_ratio[1]:.2f} (was {labels.mean():.2f})" in line
 
 
 def test_backend_resolution():

@@ -72,6 +72,7 @@ class TorchLoader:
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.labels = table["label"].to_numpy().astype(np.int64)
+        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or 2 * cfg.batch_size)
         tf = train_transform(cfg, image_size) if train else eval_transform(cfg, image_size)
         self.dataset = ImageTable(table["path"].tolist(), self.labels, tf)
@@ -92,6 +93,7 @@ class TorchLoader:
         order = sampling.epoch_order(self.labels, epoch, self.cfg.seed, shuffle=self.train,
                                      oversample_power=self.cfg.oversample_power if self.train and self.cfg.oversample
                                      else None)
+        self.effective_class_ratio = sampling.class_ratio(self.labels, order, self.num_classes)
         self.sampler.indices = sampling.shard(order, self.rank, self.world_size, pad=self.train).tolist()
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
         self.sampler.seeds = rng.integers(0, 2**62, len(self.sampler.indices)).tolist()

@@ -271,6 +271,17 @@ def summarize(s: Session, stopped_early: bool, best_metrics: dict, train_seconds
 
 
 # --------------------------------------------------------------------------------------------------- the loop
+def oversample_line(loader: Any, classes: list[str]) -> str:
+    """The class ratio oversampling gives an epoch, next to the dataset's own ratio."""
+    from fastlesion.data.sampling import class_ratio
+
+    labels = np.asarray(loader.labels)
+    natural = class_ratio(labels, np.arange(len(labels)), len(classes))
+    drawn = getattr(loader, "effective_class_ratio", natural)
+    parts = [f"{c} {d:.2f} (was {n:.2f})" for c, d, n in zip(classes, drawn, natural)]
+    return "oversampling: class ratio per epoch " + ", ".join(parts)
+
+
 def fit(s: Session, report: ReportFn | None = None) -> dict[str, Any]:
     from fastlesion.metrics import classification_metrics
 
@@ -294,9 +305,12 @@ def fit(s: Session, report: ReportFn | None = None) -> dict[str, Any]:
             s.ema.update(s.raw)
 
     set_lr(s.optimizer, current_lr(s))
+    start_epoch = s.epoch
     while s.epoch < cfg.train.epochs:
         epoch = s.epoch + 1
         s.train_loader.set_epoch(epoch)
+        if main and cfg.loader.oversample and epoch == start_epoch + 1:
+            console.print(oversample_line(s.train_loader, s.ds.classes))
         lr = current_lr(s)
         t0 = time.perf_counter()
         with EpochBar(epoch, cfg.train.epochs, s.steps_per_epoch, enabled=show_bar) as bar:
