@@ -95,8 +95,10 @@ def pick_reference(ref: str | None, machines: list[str], files_of: dict[str, set
         return machines[0]
     if ref.isdigit() and int(ref) < len(machines):
         return machines[int(ref)]
-    for m in machines:
-        if ref in files_of.get(m, ()) or Path(ref).resolve() in {Path(f).resolve() for f in files_of.get(m, ())}:
+    for m in machines:  # a result file: its path, its name or its name without the suffix (``lab.jsonl``, ``lab``)
+        files = files_of.get(m, ())
+        if ref in files or Path(ref).resolve() in {Path(f).resolve() for f in files} \
+                or ref in {Path(f).name for f in files} or ref in {Path(f).stem for f in files}:
             return m
     hits = [m for m in machines if ref.lower() in m.lower()]
     if len(hits) == 1:

@@ -252,8 +252,29 @@ def run_backend(backend: str, table, num_classes: int, rt, args: argparse.Namesp
             notes.append(f"asked for {backend}, the loader fell back to {row['loader_backend']}")
         if row.get("gpu_note"):
             notes.append(row["gpu_note"])
+        warning = drift_warning(row)
+        if warning:
+            notes.append(warning)
+            print(f"warning: {backend}: {warning}", flush=True)
     row["notes"] = "; ".join(dict.fromkeys(notes))
     return row
+
+
+def drift_warning(row: dict[str, Any], max_drift: float = 1.5, max_fraction: float = 1.1) -> str | None:
+    """A note when the row cannot be trusted: the synthetic-input rate moved a lot between its measurement before
+    and after the loader run, or the loader-fed rate beats it (both mean that other load on the machine came and
+    went: tiny steps on a busy machine). ``None`` for a plausible row."""
+    before, after = row.get("synthetic_images_per_s_before"), row.get("synthetic_images_per_s_after")
+    problems = []
+    if before and after and max(before, after) / min(before, after) > max_drift:
+        problems.append(f"the synthetic-input rate changed {before:.1f} -> {after:.1f} images/s during the run")
+    fraction = row.get("fraction_of_synthetic")
+    if fraction is not None and fraction > max_fraction:
+        problems.append(f"the loader-fed rate is {fraction:.2f}x the synthetic-input rate")
+    if not problems:
+        return None
+    return "unreliable: " + " and ".join(problems) + " (other load on the machine?); rerun on an idle machine " \
+           "or with more --steps"
 
 
 def amp_of(rt) -> str:
@@ -295,6 +316,8 @@ def _print_results(rows: list[dict[str, Any]]) -> None:
     for r in rows:
         if r["status"] == "ok":
             hidden = "loader hidden" if r["fraction_of_synthetic"] >= 0.9 else "loader-bound"
+            if drift_warning(r):
+                hidden = "unreliable, see the warning"
             print(f"{r['backend']}: {r['fraction_of_synthetic']:.2f} of the synthetic-input rate ({hidden})")
     for r in ratios:
         print(f"{r['comparison']} ({r['model']}, {r['mode']}, batch {r['batch_size']}): {r['ratio']:.2f}x")

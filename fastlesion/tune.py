@@ -753,15 +753,17 @@ def run_search(cfg: Config, space: dict[str, Param], settings: TuneSettings,
     if exp.exists() and any(exp.iterdir()):
         raise FastlesionError(f"{exp}: already holds an experiment; continue it with --resume {exp} or choose "
                               "another --out/--name")
-    if not address:  # a local machine: refuse impossible resources before starting anything
+    if not address:  # a local machine: refuse impossible resources and unreadable data before starting anything
         resolve_resources(settings, local_resources())
+        cfg = prepare_data(cfg, local=True)
     ray, started = init_ray(address)
     try:
         total, largest = cluster_resources(ray)
         g, c = resolve_resources(settings, total, largest,
                                  where=f"the Ray cluster at {address}" if address else "the local Ray")
         settings.gpus_per_trial, settings.cpus_per_trial = g, c
-        cfg = prepare_data(cfg, local=not address or address == "auto")
+        if address:
+            cfg = prepare_data(cfg, local=address == "auto")
         n = concurrency(total, g, c)
         console.print(f"ASHA over {len(space)} keys, {settings.num_samples} trials of up to {settings.max_t} epochs "
                       f"(rungs at {settings.rungs() or 'none'}); each trial {c:g} CPU(s) and {g:g} GPU(s): up to "

@@ -186,6 +186,14 @@ def test_end_to_end_quick_writes_rows(tmp_path, one_thread):
             assert r["loader_device"] == "cpu"
 
 
+def test_end_to_end_flags_rows_a_busy_machine_spoilt():
+    ok = {"synthetic_images_per_s_before": 100.0, "synthetic_images_per_s_after": 110.0, "fraction_of_synthetic": 0.8}
+    assert end_to_end.drift_warning(ok) is None
+    drift = end_to_end.drift_warning({**ok, "synthetic_images_per_s_after": 300.0})
+    assert drift.startswith("unreliable") and "100.0 -> 300.0" in drift
+    assert "12.90x" in end_to_end.drift_warning({**ok, "fraction_of_synthetic": 12.9})
+
+
 def test_end_to_end_dali_gpu_without_gpu_is_skipped_not_crashed(tmp_path, monkeypatch):
     if torch.cuda.is_available():
         pytest.skip("has a GPU")
@@ -267,5 +275,8 @@ def test_compare_two_machines(tmp_path):
     t = res["table"].set_index(["bench", "model", "config"])
     assert t.loc[("train_step", "resnet18", "eager-fp32-nchw"), f"{cpu_m} / ref"] == pytest.approx(0.02)
     assert math.isnan(t.loc[("train_step", "resnet50", "eager-bf16-cl"), cpu_m])
+    for ref in ("gpu", "gpu.jsonl", str(b)):  # the README's `--reference lab` names a result file
+        res = compare.compare([str(a), str(b)], reference=ref, out=tmp_path / "cmp4", plots=False)
+        assert res["reference"] == gpu_m
     with pytest.raises(SystemExit, match="matches no machine"):
         compare.compare([str(a), str(b)], reference="H100", out=tmp_path / "cmp3", plots=False)
