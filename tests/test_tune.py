@@ -60,8 +60,10 @@ def local_ray():
 # --------------------------------------------------------------------------------------------------- the search
 def test_asha_search_cpu(tiny_isic, tmp_path, local_ray):
     cfg = load_config(None, tiny_overrides(tiny_isic, tmp_path))
+    # 2 CPUs per trial on the 2-CPU Ray: one trial at a time, so the order in which trials reach ASHA's rungs (and
+    # with it which trial is stopped) is the same on every run; 2 trials at once made it depend on timing
     settings = ft.TuneSettings(num_samples=4, max_t=3, grace_period=1, reduction_factor=2, gpus_per_trial=0,
-                               cpus_per_trial=1, seed=0, max_failures=0)
+                               cpus_per_trial=2, seed=0, max_failures=0)
     exp = tmp_path / "exp" / "asha"
     res = ft.run_search(cfg, ft.parse_space(TINY_SPACE), settings, experiment_dir=exp)
 
