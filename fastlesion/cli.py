@@ -93,13 +93,26 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _synth_size(text: str | None) -> int | tuple[int, int] | None:
+    """``synth --size``: ``"600"`` (a width; height = 3/4 of it) or ``"600x450"``; None/empty = the size mix."""
+    import re
+
+    from fastlesion.errors import DatasetError
+
+    if text is None or not text.strip():
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
+    if m is None:
+        raise DatasetError(f"--size: expected an image width in px or WIDTHxHEIGHT (e.g. 600 or 600x450), "
+                           f"got {text!r}")
+    w, h = m.groups()
+    return (int(w), int(h)) if h else int(w)
+
+
 def cmd_synth(args: argparse.Namespace, extra: list[str]) -> int:
     from fastlesion.data.synthetic import generate
 
-    size = None
-    if args.size:
-        w, _, h = args.size.partition("x")
-        size = (int(w), int(h)) if h else int(w)
+    size = _synth_size(args.size)
     out = generate(args.layout, args.out, n=args.n, seed=args.seed, size=size, large=args.large,
                    positive_rate=args.positive_rate, workers=args.workers, progress=True)
     print(f"wrote {args.n} {args.layout} images to {out}")
@@ -149,9 +162,9 @@ def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     from fastlesion.engine.inference import eval_checkpoint
 
-    overrides = _dotted(extra) + ([f"data.root={args.data}"] if args.data else []) + (
-        [f"data.dataset={args.dataset}"] if args.dataset else [])
-    r = eval_checkpoint(args.checkpoint, overrides, split=args.split, tta=args.tta, out=args.out)
+    # --data without --dataset: the layout is detected, as `fastlesion train` does
+    r = eval_checkpoint(args.checkpoint, _dotted(extra), split=args.split, tta=args.tta, out=args.out,
+                        data=args.data, dataset=args.dataset)
     keys = ("auc", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "loss")
     print(f"{args.split} ({r['n']} images{', flip TTA' if args.tta else ''}): "
           + "  ".join(f"{k} {r[k]:.4f}" for k in keys) + f"\nwrote {r['out']}")
@@ -246,7 +259,7 @@ def make_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="metrics and plots of a checkpoint on a split")
     e.add_argument("checkpoint")
     e.add_argument("--data", metavar="ROOT", help="another dataset root than the checkpoint's")
-    e.add_argument("--dataset", metavar="KIND")
+    e.add_argument("--dataset", metavar="KIND", help="isic2020 | ham10000 | csv | folder (default: detected)")
     e.add_argument("--split", choices=["val", "test", "all"], default="val")
     e.add_argument("--tta", action="store_true", help="average over flips")
     e.add_argument("--out", help="output folder (default: next to the checkpoint)")

@@ -125,3 +125,78 @@ def test_bad_input(tmp_path, setup, match, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error:"), err
     assert re.search(match, err[0]), err[0]
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "Traceback" not in err[0], err
+    return err[0]
+
+
+@pytest.mark.parametrize("kind", ["isic2020", "ham10000"])
+def test_header_only_csv_is_a_clear_error(kind, tiny_isic, tiny_ham, tmp_path, capsys):
+    src, name = (tiny_isic, "train.csv") if kind == "isic2020" else (tiny_ham, "HAM10000_metadata.csv")
+    root = tmp_path / kind
+    shutil.copytree(src, root)
+    csv = root / name
+    csv.write_text(csv.read_text().splitlines()[0] + "\n")  # the header row only
+    for strict in (True, False):  # training / `fastlesion check`
+        with pytest.raises(DatasetError, match=rf"{re.escape(str(csv))}: the dataset is empty"):
+            load_dataset(_cfg(dataset=kind, root=str(root)), strict=strict)
+    assert main(["check", str(root), "--quiet", "--workers", "1"]) == 2
+    assert name in _one_line_error(capsys)
+    assert main(["train", "--data", str(root), "--epochs", "1"]) == 2
+    assert re.search(rf"{name}: the dataset is empty", _one_line_error(capsys))
+
+
+def test_header_only_test_csv_keeps_its_columns(tiny_isic, tmp_path):
+    root = tmp_path / "isic"
+    shutil.copytree(tiny_isic, root)
+    (root / "test.csv").write_text((root / "test.csv").read_text().splitlines()[0] + "\n")
+    test = load_isic2020_test(root)
+    assert len(test) == 0 and list(test.columns) == ["path", "image_name", "patient_id", "sex", "age_approx",
+                                                     "anatom_site_general_challenge"]
+
+
+@pytest.mark.parametrize("kind,name,col", [
+    ("isic2020", "train.csv", "image_name"),
+    ("isic2020", "test.csv", "image_name"),
+    ("ham10000", "HAM10000_metadata.csv", "image_id"),
+])
+def test_image_names_cannot_escape_the_root(kind, name, col, tiny_isic, tiny_ham, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_isic if kind == "isic2020" else tiny_ham, root)
+    df = pd.read_csv(root / name)
+    first = df[col][0]
+    # the escaping name points at a real image outside the root, so nothing is "missing" to give it away
+    images = next(p for p in root.rglob(f"{first}.jpg"))
+    outside = tmp_path / "other" / "train"
+    outside.mkdir(parents=True)
+    shutil.copy(images, outside / f"{first}.jpg")
+    assert images.parent.parent == root
+    bad = f"../../other/train/{first}"
+    df[col] = df[col].astype(object)
+    df.loc[0, col] = bad
+    df.to_csv(root / name, index=False)
+    match = rf"{name}: column '{col}' has 1 value\(s\) that escape the data root .*{re.escape(repr(bad))}"
+    if name == "test.csv":
+        with pytest.raises(DatasetError, match=match):
+            load_isic2020_test(root)
+        df.loc[0, col] = str(outside / first)  # an absolute name is refused too
+        df.to_csv(root / name, index=False)
+        with pytest.raises(DatasetError, match="escape the data root"):
+            load_isic2020_test(root)
+        return
+    for strict in (True, False):
+        with pytest.raises(DatasetError, match=match):
+            load_dataset(_cfg(dataset=kind, root=str(root)), strict=strict)
+    assert main(["check", str(root), "--quiet", "--workers", "1"]) == 2
+    assert re.search(match, _one_line_error(capsys))
+
+
+def test_symlinked_image_folder_is_not_an_escape(tiny_isic, tmp_path):
+    root = tmp_path / "isic"
+    root.mkdir()
+    shutil.copy(tiny_isic / "train.csv", root / "train.csv")
+    (root / "train").symlink_to(tiny_isic / "train", target_is_directory=True)  # images on another disk
+    assert len(load_dataset(_cfg(dataset="isic2020", root=str(root)))) == 80

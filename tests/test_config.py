@@ -66,3 +66,29 @@ def test_reference_lists_every_key(capsys):
     out = capsys.readouterr().out
     for key in ("data.dataset", "loader.backend", "optim.lr", "train.amp", "run.out", "model.pretrained_path"):
         assert f"`{key}`" in out
+
+
+@pytest.mark.parametrize("text,match", [
+    ("optim: 3\n", r"bad\.yaml: section 'optim' must be a mapping of keys .*got 3"),
+    ("optim: [[lr, 0.1]]\n", r"bad\.yaml: section 'optim' must be a mapping of keys .*got \[\['lr', 0\.1\]\]"),
+    ("train:\n  epochs: 2\ndata: fast\n", r"bad\.yaml: section 'data' must be a mapping of keys .*got 'fast'"),
+    ("- optim\n- train\n", r"bad\.yaml: expected a mapping of sections .*got \['optim', 'train'\]"),
+    ("hello\n", r"bad\.yaml: expected a mapping of sections .*got 'hello'"),
+    ("0\n", r"bad\.yaml: expected a mapping of sections .*got 0"),
+    ("[]\n", r"bad\.yaml: expected a mapping of sections .*got \[\]"),
+])
+def test_yaml_that_is_not_a_mapping(tmp_path, capsys, text, match):
+    p = tmp_path / "bad.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(p)
+    assert main(["config", "--config", str(p)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:") and "Traceback" not in err[0], err
+
+
+def test_empty_yaml_and_empty_section_are_the_defaults(tmp_path):
+    p = tmp_path / "c.yaml"
+    for text in ("", "# nothing yet\n", "optim:\n"):
+        p.write_text(text)
+        assert load_config(p) == Config()

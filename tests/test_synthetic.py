@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from fastlesion.cli import main
 from fastlesion.data.synthetic import HAM_CLASSES, LAYOUTS, MARKER, generate
 from fastlesion.errors import DatasetError
 
@@ -259,3 +260,20 @@ def test_class_signal_is_in_the_pixels(tmp_path: Path) -> None:
     x = [_lesion_feature(root / "train" / f"{r['image_name']}.jpg") for r in rows]
     auc = sklearn_metrics.roc_auc_score(y, x)
     assert 0.65 < auc < 0.95, auc
+
+
+@pytest.mark.parametrize("value", ["abc", "600x", "x450", "12.5", "600x450x3", "-64"])
+def test_cli_bad_size_is_one_error_line(tmp_path: Path, capsys: pytest.CaptureFixture[str], value: str) -> None:
+    assert main(["synth", "--out", str(tmp_path / "s"), "--n", "4", f"--size={value}", "--workers", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --size") and repr(value) in err[0], err
+    assert not (tmp_path / "s" / "train.csv").exists()
+
+
+@pytest.mark.parametrize("value,size", [("48", (48, 36)), ("40x50", (40, 50)), (" 40 X 50 ", (40, 50))])
+def test_cli_size_formats(tmp_path: Path, value: str, size: tuple[int, int]) -> None:
+    root = tmp_path / "s"
+    assert main(["synth", "--layout", "ham10000", "--out", str(root), "--n", "3", f"--size={value}",
+                 "--workers", "1"]) == 0
+    for p in root.rglob("*.jpg"):
+        check_jpeg(p, size)

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +75,24 @@ def test_backend_resolution():
     cfg = load_config(None, {"loader.backend": "torch"})
     assert resolve_backend(cfg.loader) == "torch"
     assert MEAN[0] == 0.485
+
+
+@pytest.mark.parametrize("backend", ["auto", "dali"])
+def test_missing_dali_warns_once_and_uses_torch(tiny_isic, monkeypatch, backend):
+    import fastlesion.data.loader as loader_mod
+
+    monkeypatch.setattr(loader_mod, "dali_available", lambda: False)  # no DALI here, or an unsupported platform
+    monkeypatch.setattr(loader_mod, "_warned", False)
+    cfg, table = _setup(tiny_isic, backend=backend)
+    torch_cfg = load_config(None, {"loader.backend": "torch"}).loader
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # count every warning, not only the first per call site
+        assert resolve_backend(torch_cfg) == "torch"  # torch asked for: nothing to warn about
+        assert not caught
+        assert [resolve_backend(cfg.loader) for _ in range(3)] == ["torch"] * 3
+        assert isinstance(build_loader(table, cfg.loader, 32, train=False), TorchLoader)
+        assert len(caught) == 1, [str(w.message) for w in caught]
+        assert "DALI is not installed" in str(caught[0].message) and "torch loader" in str(caught[0].message)
+        other = load_config(None, {"loader.backend": "dali" if backend == "auto" else "auto"}).loader
+        assert resolve_backend(other) == "torch"
+        assert len(caught) == 1  # once per process, whichever of auto / dali asked first

@@ -109,9 +109,26 @@ def _first_dir(root: Path, candidates: list[str]) -> Path | None:
     return None
 
 
+def _image_paths(folder: Path, names: pd.Series, csv: Path, col: str, root: Path) -> list[str]:
+    """``folder/<name>.jpg`` for each name of column ``col``; a name that leads out of ``folder`` is an error.
+
+    An absolute name or one with a ``..`` part could reach any file on the machine (and ``check`` would call it
+    fine), so it is refused like an escaping path of the ``csv`` kind. The test is on the names, not on resolved
+    paths, so an image folder that is a symlink to another disk still works.
+    """
+    values = [str(n) for n in names]
+    bad = [v for v in values if Path(v).is_absolute() or ".." in Path(v).parts]
+    if bad:
+        first = ", ".join(repr(v) for v in bad[:3])
+        raise DatasetError(f"{csv}: column {col!r} has {len(bad)} value(s) that escape the data root {root} "
+                           f"(first: {first})")
+    return [str(folder / f"{v}.jpg") for v in values]
+
+
 def _split_missing(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
-    exists = df["path"].map(os.path.isfile)
-    return df[exists].reset_index(drop=True), df.loc[~exists, "path"].tolist()
+    # bool dtype even for an empty table: an empty object-dtype mask would select columns, not rows
+    exists = df["path"].map(os.path.isfile).astype(bool)
+    return df.loc[exists].reset_index(drop=True), df.loc[~exists, "path"].tolist()
 
 
 def _finish(df: pd.DataFrame, classes: list[str], root: Path, kind: str, source: Path,
@@ -129,8 +146,10 @@ def _finish(df: pd.DataFrame, classes: list[str], root: Path, kind: str, source:
         names = ", ".join(Path(m).name for m in missing[:5])
         raise DatasetError(f"{source}: {len(missing)} of {len(df) + len(missing)} listed images are missing "
                            f"under {root} (first: {names}); run `fastlesion check {root}` for a full report")
-    if len(df) == 0 and strict:
-        raise DatasetError(f"{source}: the dataset is empty (no images found)")
+    if len(df) == 0 and (strict or not missing):
+        # an empty list is an error even for `fastlesion check` (strict=False): there is nothing to check
+        why = f"all {len(excluded)} listed images are excluded" if excluded else "no images listed"
+        raise DatasetError(f"{source}: the dataset is empty ({why})")
     if strict and df["label"].nunique() < 2:
         only = classes[int(df["label"].iloc[0])] if len(df) else "?"
         raise DatasetError(f"{source}: the label column has a single class ({only!r}); a classifier needs two or more")
@@ -156,7 +175,7 @@ def load_isic2020(root: Path, strict: bool = True, exclude: set[str] | None = No
     if bad.any():
         raise DatasetError(f"{csv}: column 'target' must be 0 or 1 (row {int(bad.idxmax()) + 2}: "
                            f"{df['target'][bad].iloc[0]!r})")
-    df.insert(0, "path", [str(img_dir / f"{n}.jpg") for n in df["image_name"]])
+    df.insert(0, "path", _image_paths(img_dir, df["image_name"], csv, "image_name", root))
     df.insert(1, "label", df["target"].astype(int))
     df.insert(2, "group", df["patient_id"].fillna(df["image_name"]).astype(str))
     return _finish(df, list(ISIC_CLASSES), root, "isic2020", csv, strict, exclude)
@@ -168,7 +187,7 @@ def load_isic2020_test(root: Path) -> pd.DataFrame:
     df = _read_csv(csv, ISIC_TEST_COLUMNS, "ISIC 2020 test")
     img_dir = _isic_image_dir(root, "test")
     df = df.copy()
-    df.insert(0, "path", [str(img_dir / f"{n}.jpg") for n in df["image_name"]])
+    df.insert(0, "path", _image_paths(img_dir, df["image_name"], csv, "image_name", root))
     df, missing = _split_missing(df)
     if missing:
         raise DatasetError(f"{csv}: {len(missing)} test images are missing (first: {Path(missing[0]).name})")
@@ -193,7 +212,8 @@ def load_ham10000(root: Path, strict: bool = True, exclude: set[str] | None = No
         for p in d.iterdir():
             where.setdefault(p.stem, p)
     df = df.copy()
-    df.insert(0, "path", [str(where.get(i, dirs[0] / f"{i}.jpg")) for i in df["image_id"]])
+    default = _image_paths(dirs[0], df["image_id"], csv, "image_id", root)
+    df.insert(0, "path", [str(where.get(str(i), d)) for i, d in zip(df["image_id"], default, strict=True)])
     df.insert(1, "label", df["dx"].map(HAM_CLASSES.index).astype(int))
     df.insert(2, "group", df["lesion_id"].astype(str))
     return _finish(df, list(HAM_CLASSES), root, "ham10000", csv, strict, exclude)

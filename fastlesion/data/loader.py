@@ -47,13 +47,14 @@ def dali_available() -> bool:
 
 
 def resolve_backend(cfg: LoaderConfig) -> str:
-    """``auto`` -> ``dali`` when installed, else ``torch``; asking for ``dali`` without it warns once and falls back."""
+    """``auto`` -> ``dali`` when installed, else ``torch``; ``auto`` or ``dali`` without DALI (or on an unsupported
+    platform) warns once per process and falls back to ``torch``."""
     global _warned
     if cfg.backend == "torch":
         return "torch"
     if dali_available():
         return "dali"
-    if cfg.backend == "dali" and not _warned:
+    if not _warned:
         warnings.warn("NVIDIA DALI is not installed (or this platform is unsupported): using the torch loader. "
                       "Install it with `pip install nvidia-dali-cuda120` on Linux x86_64.", stacklevel=2)
         _warned = True

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from fastlesion.config import Config, apply_overrides, config_from_dict, to_dict
-from fastlesion.data.catalog import load_dataset, load_isic2020_test
+from fastlesion.data.catalog import ISIC_CLASSES, detect_kind, load_dataset, load_isic2020_test
 from fastlesion.data.loader import build_loader
 from fastlesion.data.splits import split_dataset
 from fastlesion.engine import checkpoint as ckpt
@@ -46,16 +46,37 @@ def _config(saved: Config, overrides: list[str] | dict | None) -> Config:
     return config_from_dict(apply_overrides(to_dict(saved), overrides or []))
 
 
+def _data_overrides(saved: Config, data: str | Path | None, dataset: str | None) -> list[str]:
+    """``data.root`` / ``data.dataset`` overrides for evaluating on another root: without an explicit ``dataset``
+    the layout is detected as ``fastlesion train`` does, except that a csv-kind checkpoint stays csv when the root
+    has no recognised layout (its ``data.csv`` describes the images)."""
+    if data is None:
+        return [f"data.dataset={dataset}"] if dataset else []
+    if not dataset:
+        dataset = detect_kind(Path(data).expanduser())
+        if dataset == "folder" and saved.data.dataset == "csv":
+            dataset = "csv"
+    return [f"data.root={data}", f"data.dataset={dataset}"]
+
+
 def eval_checkpoint(path: str | Path, overrides: list[str] | dict | None = None, split: str = "val",
-                    tta: bool = False, out: str | Path | None = None) -> dict[str, Any]:
+                    tta: bool = False, out: str | Path | None = None, data: str | Path | None = None,
+                    dataset: str | None = None) -> dict[str, Any]:
     """Metrics (and plots, predictions) of a checkpoint on ``split``: ``val`` (its fold), ``test`` (holdout) or
-    ``all`` (every image of the dataset). Results go to ``out`` (default ``<checkpoint folder>/eval_<split>``)."""
+    ``all`` (every image of the dataset). Results go to ``out`` (default ``<checkpoint folder>/eval_<split>``).
+
+    ``data`` / ``dataset`` evaluate on another root (applied after ``overrides``); without ``dataset`` its layout is
+    detected (isic2020, ham10000 or folder), as ``fastlesion train`` does."""
     from fastlesion import report
     from fastlesion.engine.train import predictions_frame
     from fastlesion.metrics import classification_metrics
 
     state = ckpt.load(path)
-    cfg = _config(config_from_dict(state["config"], str(path)), overrides)
+    saved = _config(config_from_dict(state["config"], str(path)), overrides)
+    keys = overrides.keys() if isinstance(overrides, dict) else [o.split("=", 1)[0].strip() for o in overrides or []]
+    if dataset is None and "data.dataset" in keys:
+        dataset = saved.data.dataset  # a dotted --data.dataset counts as given
+    cfg = _config(saved, _data_overrides(saved, data, dataset))
     rt = resolve_runtime(cfg.train)
     model, state, _ = load_checkpoint_model(path, rt)
     ds = load_dataset(cfg.data, progress=False)
@@ -105,20 +126,24 @@ def predict(path: str | Path, data: str | Path, out: str | Path, tta: bool = Fal
             overrides: list[str] | dict | None = None) -> pd.DataFrame:
     """Predict ``data`` with a checkpoint and write ``out``.
 
-    Binary models write the ISIC submission format ``image_name,target`` (target = malignant probability);
-    multiclass models write one probability column per class.
+    Binary models write the ISIC submission format ``image_name,target`` (target = malignant probability) for an
+    ISIC root, which needs a checkpoint with the ISIC classes (benign, malignant), and ``image,target`` (target =
+    probability of the second class) for a folder of images; multiclass models write one probability column per class.
     """
     state = ckpt.load(path)
     cfg = _config(config_from_dict(state["config"], str(path)), overrides)
     rt = resolve_runtime(cfg.train)
     model, state, _ = load_checkpoint_model(path, rt)
+    classes = list(state["classes"])
     table, id_col = image_table(data)
+    if id_col == "image_name" and len(classes) == 2 and classes != ISIC_CLASSES:
+        raise FastlesionError(f"{path}: checkpoint classes {classes} are not the ISIC 2020 classes {ISIC_CLASSES}, "
+                              f"so it cannot write the ISIC submission (image_name,target) for {data}")
     table = table.assign(label=0)
     loader = build_loader(table, cfg.loader, cfg.data.image_size, train=False, device=rt.device,
                           channels_last=rt.channels_last)
     res = evaluate(model, loader, rt, tta=tta)
     ids = table[id_col].to_numpy()[res.idx]
-    classes = state["classes"]
     if len(classes) == 2:
         df = pd.DataFrame({id_col: ids, "target": res.probs[:, 1]})
     else:
