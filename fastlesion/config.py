@@ -22,6 +22,10 @@ import yaml
 
 from fastlesion.errors import ConfigError
 
+EARLY_STOP_METRICS = ("val_auc", "val_loss", "val_accuracy", "val_balanced_accuracy", "val_precision", "val_recall",
+                      "val_specificity", "val_f1", "val_f1_macro", "val_f1_weighted")
+"""metrics.csv columns that ``train.early_stop_metric`` may watch."""
+
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a help text (kept in metadata so docs and ``fastlesion config`` can show it)."""
@@ -167,8 +171,9 @@ class TrainConfig:
     compile_mode: str | None = _f(None, "torch.compile mode: None | reduce-overhead | max-autotune | ...")
     channels_last: str = _f("auto", "auto (on with CUDA) | on | off")
     cudnn_benchmark: bool = _f(True, "torch.backends.cudnn.benchmark")
-    early_stop_metric: str = _f("val_auc", "metric that picks best.pt and stops early (a metrics.csv column)")
-    early_stop_mode: str = _f("max", "max | min for early_stop_metric")
+    early_stop_metric: str = _f("val_auc", "metric that picks best.pt and stops early: a val_* column of "
+                                "metrics.csv")
+    early_stop_mode: str = _f("auto", "auto (min for val_loss, else max) | max | min for early_stop_metric")
     patience: int = _f(5, "epochs without improvement before stopping (0 = never stop early)")
     ddp: int = _f(0, "local worker processes to start (0/1 = single process); torchrun sets its own")
     steps_per_epoch: int | None = _f(None, "cap on training steps per epoch (quick experiments)")
@@ -178,9 +183,12 @@ class TrainConfig:
         _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         _choice("train.compile", self.compile, ("auto", "on", "off"))
         _choice("train.channels_last", self.channels_last, ("auto", "on", "off"))
-        _choice("train.early_stop_mode", self.early_stop_mode, ("max", "min"))
+        _choice("train.early_stop_mode", self.early_stop_mode, ("auto", "max", "min"))
+        _choice("train.early_stop_metric", self.early_stop_metric, EARLY_STOP_METRICS)
         if self.epochs < 1:
             raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        if self.ddp < 0:
+            raise ConfigError(f"train.ddp must be >= 0 (0/1 = single process), got {self.ddp}")
 
 
 @dataclass
@@ -339,10 +347,21 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"{p}: config file not found")
     try:
-        d = yaml.safe_load(p.read_text()) or {}
+        d = yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if d is None:  # an empty file (or only comments): the defaults
+        return {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{p}: expected a mapping of sections (section: {{key: value}}), got {_shown(d)}")
     return d
+
+
+def _shown(v: Any) -> str:
+    """A short description of a YAML value for an error message: its repr, cut, and its type."""
+    text = repr(v)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{text} ({type(v).__name__})"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
@@ -350,10 +369,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | dict[str,
     d = load_yaml(path) if path else {}
     source = str(path) if path else "overrides"
     if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections")
-    for name in d:
+        raise ConfigError(f"{source}: expected a mapping of sections, got {_shown(d)}")
+    for name, v in d.items():
         if name not in SECTIONS:
             raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(SECTIONS)})")
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys (key: value), got {_shown(v)}")
     d = {k: dict(v or {}) for k, v in d.items()}
     if overrides:
         apply_overrides(d, overrides)

@@ -91,7 +91,7 @@ def free_port() -> int:
 
 
 def check_world(n: int, device_type: str) -> None:
-    """``--ddp N`` must fit the GPUs present (CPU workers are only limited by sense)."""
+    """``--ddp N`` must fit the GPUs present, or on CPU the cores (gloo workers beyond them only slow down)."""
     if n < 1:
         raise FastlesionError(f"--ddp must be >= 1, got {n}")
     if device_type == "cuda":
@@ -99,6 +99,11 @@ def check_world(n: int, device_type: str) -> None:
         if n > have:
             raise FastlesionError(f"--ddp {n} asks for {n} GPUs but {have} are visible "
                                   f"(CUDA_VISIBLE_DEVICES); use --ddp {have} or torchrun for multi-node")
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        if n > cores:
+            raise FastlesionError(f"--ddp {n} asks for {n} CPU workers but this machine has {cores} cores and no "
+                                  f"GPU; use --ddp {cores} or fewer (or run on GPUs)")
 
 
 def _worker(local_rank: int, world_size: int, port: int, fn: Callable[..., Any], args: tuple) -> None:

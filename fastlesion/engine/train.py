@@ -34,7 +34,7 @@ from fastlesion.data.catalog import Dataset, load_dataset
 from fastlesion.data.loader import build_loader
 from fastlesion.data.splits import Split, split_dataset
 from fastlesion.engine import checkpoint as ckpt
-from fastlesion.engine.loop import EvalResult, evaluate, train_epoch
+from fastlesion.engine.loop import EvalResult, NonFiniteLossError, evaluate, train_epoch
 from fastlesion.engine.losses import create_loss
 from fastlesion.engine.optim import Plateau, create_optimizer, lr_at, set_lr
 from fastlesion.engine.progress import EpochBar, console, epoch_line
@@ -57,6 +57,8 @@ def default_out(cfg: Config) -> Path:
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
     """Create the run folder; refuse one that holds a different run unless resuming or overwriting."""
     out = Path(cfg.run.out) if cfg.run.out else default_out(cfg)
+    if out.exists() and not out.is_dir():
+        raise FastlesionError(f"{out}: is a file, not a run folder; choose another --out")
     if resume:
         if not (out / "last.pt").is_file():
             raise FastlesionError(f"{out}: nothing to resume (no last.pt)")
@@ -139,6 +141,14 @@ class Session:
     params: int = 0
 
 
+def early_stop_mode(cfg: Config) -> str:
+    """``train.early_stop_mode`` with ``auto`` resolved: a loss is minimised, every other metric maximised."""
+    mode = cfg.train.early_stop_mode
+    if mode == "auto":
+        return "min" if cfg.train.early_stop_metric.endswith("loss") else "max"
+    return mode
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -175,8 +185,8 @@ def build_session(cfg: Config, info: dist.DistInfo, rt: Runtime, out: Path) -> S
                 optimizer=create_optimizer(raw, cfg.optim), scaler=rt.grad_scaler(),
                 loss_fn=create_loss(cfg.optim, labels, ds.num_classes).to(rt.device), train_loader=train_loader,
                 val_loader=val_loader, steps_per_epoch=steps, ema=ema,
-                plateau=Plateau(cfg.train.early_stop_mode, cfg.optim.plateau_patience, cfg.optim.gamma),
-                early=EarlyStop(cfg.train.early_stop_mode, cfg.train.patience), params=count_params(raw))
+                plateau=Plateau(early_stop_mode(cfg), cfg.optim.plateau_patience, cfg.optim.gamma),
+                early=EarlyStop(early_stop_mode(cfg), cfg.train.patience), params=count_params(raw))
     return s
 
 
@@ -324,9 +334,14 @@ def fit(s: Session, report: ReportFn | None = None) -> dict[str, Any]:
                "epoch_seconds": time.perf_counter() - t0, "train_seconds": tr.seconds, "val_seconds": res.seconds,
                "data_seconds": tr.data_seconds, "images_per_s": tr.images / max(tr.seconds, 1e-9),
                "steps": tr.steps}
-        if metric not in row:
-            raise FastlesionError(f"train.early_stop_metric: {metric!r} is not a metrics.csv column "
-                                  f"(choose from {', '.join(c for c in METRIC_COLUMNS if c.startswith('val_'))})")
+        if not math.isfinite(res.loss):  # diverged weights: stop before they become best.pt or last.pt
+            kept = f"last.pt holds the last good epoch ({s.epoch})" if s.epoch else "no checkpoint was written"
+            raise NonFiniteLossError(f"validation loss is {res.loss} at epoch {epoch}: the weights diverged; stopped "
+                                     f"(lower optim.lr, set optim.clip_grad, or try train.amp=bf16); {kept}")
+        if metric not in row:  # e.g. val_specificity of a multiclass model
+            raise FastlesionError(f"train.early_stop_metric: {metric!r} is not computed for this "
+                                  f"{s.ds.num_classes}-class dataset (choose from "
+                                  f"{', '.join(k for k in row if k.startswith('val_'))})")
         improved = s.early.update(float(row[metric]), epoch)
         if cfg.optim.scheduler == "plateau":
             s.plateau.update(float(row[metric]))
@@ -383,16 +398,50 @@ def run_worker(cfg: Config, resume: bool = False, report: ReportFn | None = None
         _on_main(info, lambda: _prepare_data(cfg))
         out = cfg.run.out if prepared else _on_main(info, lambda: str(prepare_run_dir(cfg, resume)))
         cfg = with_out(cfg, out)
-        if info.is_main:
-            save_config(cfg, Path(out) / "config.yaml")
         s = build_session(cfg, info, rt, Path(out))
         if resume:
             restore(s, ckpt.load(Path(out) / "last.pt"))
             if info.is_main:
                 console.print(f"resuming {out} after epoch {s.epoch}")
+        if info.is_main:  # after a successful restore: a failed resume leaves the run's config.yaml as it was
+            save_config(cfg, Path(out) / "config.yaml")
         return fit(s, report)
     finally:
         dist.teardown()
+
+
+RESUME_MAY_CHANGE = ("train.epochs", "train.patience", "train.ddp", "train.device", "train.compile",
+                     "train.compile_mode", "train.cudnn_benchmark", "train.steps_per_epoch", "loader.workers",
+                     "loader.prefetch", "loader.backend", "loader.device", "loader.eval_batch_size")
+"""Settings a resumed run may change; everything else is the run's own (model, data, optimizer, schedule, ...)."""
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(cfg: Config, run_dir: Path) -> None:
+    """Refuse a resume whose settings differ from the run's ``config.yaml`` in what the checkpoint depends on."""
+    from fastlesion.config import load_config
+
+    saved_file = run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return
+    saved = _flat(to_dict(load_config(saved_file)))
+    new = _flat(to_dict(cfg))
+    changed = [k for k in new if not k.startswith("run.") and k not in RESUME_MAY_CHANGE
+               and new[k] != saved.get(k) and str(new[k]) != str(saved.get(k))]
+    if changed:
+        what = ", ".join(f"{k} ({saved.get(k)!r} -> {new[k]!r})" for k in changed[:5])
+        raise FastlesionError(f"--resume {run_dir}: a resumed run keeps its settings, but {what} differ from its "
+                              f"config.yaml; start a new run with --out instead (a resume may change "
+                              f"{', '.join(RESUME_MAY_CHANGE)} and run.*)")
 
 
 def _ddp_entry(cfg: Config, resume: bool) -> None:
@@ -413,6 +462,7 @@ def train(cfg: Config, resume: str | Path | None = None, report: ReportFn | None
     """
     if resume is not None:
         cfg = with_out(cfg, resume)
+        check_resume_config(cfg, Path(resume))
     if cfg.train.ddp > 1 and not dist.env_info().enabled:
         if report is not None:
             raise FastlesionError("a report callback cannot cross into --ddp worker processes; use torchrun")
