@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from fastlesion.config import ConfigError, load_config, to_dict
@@ -284,19 +285,24 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = make_parser()
-    args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+def run_command(fn: Callable[[], int], verbose: bool = False) -> int:
+    """Run a command body as every fastlesion script does: logging set up, a user error as one ``error:`` line and
+    exit status 2 (no traceback), Ctrl-C as exit status 130."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
-        code = args.fn(args, extra)
+        return fn()
     except FastlesionError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args, extra = parser.parse_known_args(argv)
+    return run_command(lambda: args.fn(args, extra), args.verbose)
 
 
 if __name__ == "__main__":

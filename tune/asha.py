@@ -16,13 +16,11 @@ tells how to resume it.
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import time
 from pathlib import Path
 
-from fastlesion.cli import _config_args, build_config
-from fastlesion.errors import FastlesionError
+from fastlesion.cli import _config_args, build_config, run_command
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -61,8 +59,8 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    try:
+
+    def search() -> int:
         from fastlesion import tune as ft
 
         ft.import_ray()
@@ -77,13 +75,9 @@ def main(argv: list[str] | None = None) -> int:
                 cpus_per_trial=args.cpus_per_trial, seed=args.seed, max_failures=args.max_failures)
             out = Path(args.tune_out) if args.tune_out else Path("runs") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
             res = ft.run_search(cfg, space, settings, experiment_dir=out / args.name, address=args.address)
-    except FastlesionError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 130 if res.interrupted else 0
+        return 130 if res.interrupted else 0
+
+    return run_command(search, args.verbose)
 
 
 if __name__ == "__main__":
