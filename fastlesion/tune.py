@@ -250,6 +250,7 @@ class TuneSettings:
     cpus_per_trial: float | None = None  # None: the CPUs divided evenly among the GPU slots (1 without GPUs)
     seed: int = 0  # seed of the random search (the trials' own train.seed comes from the config)
     max_failures: int = 2  # retries of a failed trial (from its last checkpoint); -1 = forever
+    ray_verbose: int = 0  # Ray's console output: 0 = fastlesion's line per trial epoch, 1 = status tables, 2 = all
 
     def check(self) -> None:
         if self.num_samples < 1:
@@ -700,9 +701,15 @@ def _tuner_parts(setup: dict[str, Any]) -> tuple[Any, Any]:
     s = TuneSettings(**setup["settings"])
     trainable = tune.with_resources(tune.with_parameters(_trainable, setup=setup),
                                     {"cpu": setup["cpus_per_trial"], "gpu": setup["gpus_per_trial"]})
+    from fastlesion.tune_progress import TrialLines
+
+    # one checkpoint per trial epoch with num_to_keep=1 is the design (ASHA pauses/resumes at epochs): Ray's
+    # "snapshotting triggered multiple times" warning about it is noise here
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     exp = Path(setup["experiment_dir"])
     run_config = tune.RunConfig(
-        name=exp.name, storage_path=str(exp.parent), verbose=1,
+        name=exp.name, storage_path=str(exp.parent), verbose=s.ray_verbose,
+        callbacks=[TrialLines(s.max_t, list(setup["space"]))],
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     return trainable, run_config

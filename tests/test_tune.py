@@ -58,7 +58,7 @@ def local_ray():
 
 
 # --------------------------------------------------------------------------------------------------- the search
-def test_asha_search_cpu(tiny_isic, tmp_path, local_ray):
+def test_asha_search_cpu(tiny_isic, tmp_path, local_ray, capsys):
     cfg = load_config(None, tiny_overrides(tiny_isic, tmp_path))
     # 2 CPUs per trial on the 2-CPU Ray: one trial at a time, so the order in which trials reach ASHA's rungs (and
     # with it which trial is stopped) is the same on every run; 2 trials at once made it depend on timing
@@ -73,6 +73,9 @@ def test_asha_search_cpu(tiny_isic, tmp_path, local_ray):
             "run_dir"} <= set(df.columns)
     assert df["epochs"].between(1, 3).all() and (df["epochs"] == 3).any()
     assert df["stopped_early"].any(), "ASHA stopped no trial early"
+    log = capsys.readouterr().out  # the compact console log: a line per trial epoch and per trial end
+    assert log.count("stopped by ASHA after epoch") == int(df["stopped_early"].sum()), log
+    assert log.count(" start  ") == 4 and log.count("/3  val_auc ") == int(df["epochs"].sum()), log
     assert (df.loc[df["stopped_early"], "epochs"] < 3).all()
     assert df["loader.batch_size"].isin([8, 16]).all() and df["optim.lr"].between(1e-4, 3e-2).all()
     assert (exp / "val_auc.png").stat().st_size > 5000

@@ -52,6 +52,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="experiment storage folder (default: runs/tune-<time>)")
     o.add_argument("--name", default="asha", help="experiment name: results go to <out>/<name> (asha)")
     o.add_argument("--resume", metavar="DIR", help="continue an interrupted experiment (<out>/<name>)")
+    o.add_argument("--ray-verbose", type=int, choices=(0, 1, 2), default=0,
+                   help="Ray's own console output: 0 = a line per trial epoch (default), 1 = Ray's status tables, "
+                        "2 = everything Ray prints")
     p.add_argument("-v", "--verbose", action="store_true", help="log more")
     return p
 
@@ -72,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
             settings = ft.TuneSettings(
                 num_samples=args.num_samples, max_t=cfg.train.epochs, grace_period=args.grace_period,
                 reduction_factor=args.reduction_factor, gpus_per_trial=args.gpus_per_trial,
-                cpus_per_trial=args.cpus_per_trial, seed=args.seed, max_failures=args.max_failures)
+                cpus_per_trial=args.cpus_per_trial, seed=args.seed, max_failures=args.max_failures,
+                ray_verbose=args.ray_verbose)
             out = Path(args.tune_out) if args.tune_out else Path("runs") / f"tune-{time.strftime('%Y%m%d-%H%M%S')}"
             res = ft.run_search(cfg, space, settings, experiment_dir=out / args.name, address=args.address)
         return 130 if res.interrupted else 0
