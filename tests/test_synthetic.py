@@ -277,3 +277,20 @@ def test_cli_size_formats(tmp_path: Path, value: str, size: tuple[int, int]) -> 
                  "--workers", "1"]) == 0
     for p in root.rglob("*.jpg"):
         check_jpeg(p, size)
+
+
+def test_two_processes_generating_one_set_wait_for_each_other(tmp_path: Path) -> None:
+    """DDP ranks or Ray trials may ask for the same default set at once: one writes it, the other waits, and the set
+    is whole and the same as a single process writes it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from fastlesion.data.synthetic import generate; "
+            "generate('isic2020', sys.argv[1], n=300, seed=3, size=160)")  # ~1 s of writing: the two overlap
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")], stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    for p in procs:
+        _, err = p.communicate(timeout=180)
+        assert p.returncode == 0, err[-2000:]
+    alone = generate("isic2020", tmp_path / "alone", n=300, seed=3, size=160)
+    assert tree_bytes(tmp_path / "shared") == tree_bytes(alone)  # whole, and not written twice over each other
