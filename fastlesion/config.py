@@ -283,11 +283,27 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
     raise ConfigError(f"{key}: unsupported field type {tp!r}")  # pragma: no cover - a bug in this file
 
 
+def _check_sections(d: Any, source: str) -> None:
+    """A config dict's shape: a mapping of known sections, each a mapping of keys (or empty)."""
+    if not isinstance(d, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (section: {{key: value}}), got {_shown(d)}")
+    for name, v in d.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(SECTIONS)})")
+        if v is not None and not isinstance(v, dict):
+            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys (key: value), got {_shown(v)}")
+
+
+def _shown(v: Any) -> str:
+    """A short description of a YAML value for an error message: its repr, cut, and its type."""
+    text = repr(v)
+    text = text if len(text) <= 40 else text[:37] + "..."
+    return f"{text} ({type(v).__name__})"
+
+
 def _build_section(name: str, values: dict[str, Any], source: str) -> Any:
     cls = SECTIONS[name]
     hints = _section_types(cls)
-    if not isinstance(values, dict):
-        raise ConfigError(f"{source}: section {name!r} must be a mapping, got {values!r}")
     kwargs = {}
     for k, v in values.items():
         if k not in hints:
@@ -299,11 +315,7 @@ def _build_section(name: str, values: dict[str, Any], source: str) -> Any:
 def config_from_dict(d: dict[str, Any] | None, source: str = "config") -> Config:
     """Build a :class:`Config` from a nested dict, checking every key and type."""
     d = d or {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {type(d).__name__}")
-    for name in d:
-        if name not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(SECTIONS)})")
+    _check_sections(d, source)
     return Config(**{name: _build_section(name, d.get(name) or {}, source) for name in SECTIONS})
 
 
@@ -352,30 +364,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
     if d is None:  # an empty file (or only comments): the defaults
         return {}
-    if not isinstance(d, dict):
-        raise ConfigError(f"{p}: expected a mapping of sections (section: {{key: value}}), got {_shown(d)}")
+    _check_sections(d, str(p))
     return d
-
-
-def _shown(v: Any) -> str:
-    """A short description of a YAML value for an error message: its repr, cut, and its type."""
-    text = repr(v)
-    text = text if len(text) <= 40 else text[:37] + "..."
-    return f"{text} ({type(v).__name__})"
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
     """Load a YAML config (or the defaults) and apply dotted overrides."""
     d = load_yaml(path) if path else {}
     source = str(path) if path else "overrides"
-    if not isinstance(d, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections, got {_shown(d)}")
-    for name, v in d.items():
-        if name not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section '{name}' (known: {', '.join(SECTIONS)})")
-        if v is not None and not isinstance(v, dict):
-            raise ConfigError(f"{source}: section '{name}' must be a mapping of keys (key: value), got {_shown(v)}")
-    d = {k: dict(v or {}) for k, v in d.items()}
+    d = {k: dict(v or {}) for k, v in d.items()}  # load_yaml checked the shape
     if overrides:
         apply_overrides(d, overrides)
     return config_from_dict(d, source)
