@@ -536,6 +536,19 @@ def _json_default(o: Any) -> Any:
     return str(o)
 
 
+def print_notes(run_notes: list[str], rows: list[dict[str, Any]], out: str | Path | None) -> None:
+    """The end of a benchmark run: its notes, and where its rows went."""
+    for note in run_notes:
+        print(f"note: {note}")
+    if out:
+        print(f"{len(rows)} row(s) appended to {out}")
+
+
+def exit_status(rows: list[dict[str, Any]]) -> int:
+    """0 when at least one case was measured, else 1 (every case failed or was skipped)."""
+    return 0 if any(r.get("status") == "ok" for r in rows) else 1
+
+
 def append_jsonl(path: str | Path | None, rows: dict[str, Any] | Iterable[dict[str, Any]]) -> None:
     """Append rows as JSON lines (one object a line); ``None`` writes nothing. NaN/inf become null."""
     if path is None:

@@ -364,16 +364,12 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
                   if row["status"] == "ok" else f"{row['status'].upper()} {row['error']}")
         print(f"[{time.perf_counter() - t_start:6.0f} s] {args.model} {backend}: {result}", flush=True)
     _print_results(rows)
-    for note in run_notes:
-        print(f"note: {note}")
-    if args.out:
-        print(f"{len(rows)} row(s) appended to {args.out}")
+    common.print_notes(run_notes, rows, args.out)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    rows = run(argv)
-    return 0 if any(r["status"] == "ok" for r in rows) else 1
+    return common.exit_status(run(argv))
 
 
 if __name__ == "__main__":

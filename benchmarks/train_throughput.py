@@ -208,16 +208,12 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if rows:
         _print_results(rows)
         common.print_mode_ratios(common.mode_ratios(rows))
-    for note in run_notes:
-        print(f"note: {note}")
-    if args.out:
-        print(f"{len(rows)} row(s) appended to {args.out}")
+    common.print_notes(run_notes, rows, args.out)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
-    rows = run(argv)
-    return 0 if rows and any(r["status"] == "ok" for r in rows) else 1
+    return common.exit_status(run(argv))
 
 
 if __name__ == "__main__":
