@@ -43,7 +43,8 @@ def _dotted(extra: list[str]) -> list[str]:
     return out
 
 
-def _config_args(p: argparse.ArgumentParser) -> None:
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The config flags every training entry takes (``fastlesion train``, ``fastlesion config``, tune/asha.py)."""
     p.add_argument("--config", help="YAML config file (defaults for everything not given)")
     p.add_argument("--data", metavar="ROOT", help="dataset root (data.root); omit for the built-in synthetic set")
     p.add_argument("--dataset", metavar="KIND", help="synthetic | isic2020 | ham10000 | csv | folder (data.dataset)")
@@ -213,7 +214,7 @@ def make_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a model (one fold, every fold, or under DDP)")
-    _config_args(t)
+    add_config_args(t)
     t.add_argument("--ddp", type=int, help="start N local DDP workers (train.ddp); torchrun sets its own")
     t.add_argument("--out", help="run folder (run.out)")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its last.pt")
@@ -279,7 +280,7 @@ def make_parser() -> argparse.ArgumentParser:
     co.set_defaults(fn=cmd_compare)
 
     cf = sub.add_parser("config", help="print the resolved config (or --reference: every key)")
-    _config_args(cf)
+    add_config_args(cf)
     cf.add_argument("--reference", action="store_true", help="Markdown table of every key")
     cf.set_defaults(fn=cmd_config)
     return p

@@ -29,6 +29,8 @@ NAN = float("nan")
 #: The scalar keys of :func:`classification_metrics` (``metrics.csv`` prefixes them with ``val_``).
 METRIC_KEYS = ("auc", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "f1_macro",
                "f1_weighted")
+VAL_METRICS = tuple(f"val_{k}" for k in METRIC_KEYS)
+"""The validation metric columns of ``metrics.csv``, in order (``val_loss`` stands before them)."""
 
 
 # --------------------------------------------------------------------------------------------------- helpers

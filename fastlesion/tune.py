@@ -22,7 +22,6 @@ reported unchanged next to it.
 
 from __future__ import annotations
 
-import copy
 import gc
 import json
 import logging
@@ -39,7 +38,7 @@ from typing import Any
 
 import yaml
 
-from fastlesion.config import SECTIONS, Config, ConfigError, apply_overrides, config_from_dict, replace, to_dict
+from fastlesion.config import SECTIONS, Config, ConfigError, check_key, config_from_dict, replace, to_dict
 from fastlesion.errors import FastlesionError
 
 log = logging.getLogger(__name__)
@@ -199,7 +198,7 @@ def check_space(space: dict[str, Param], base: Config) -> None:
     """Every key is a config field the search may set, and every value it can take makes a valid config."""
     for key, p in space.items():
         try:
-            apply_overrides({}, {key: None})
+            check_key(key)
         except ConfigError as e:
             raise ConfigError(f"search space: {e}") from None
         if key in RESERVED_KEYS:
@@ -362,13 +361,8 @@ PATH_KEYS = ("data.root", "data.folds_file", "data.exclude_file", "model.pretrai
 
 def absolute_paths(cfg: Config) -> Config:
     """Trials run in other working folders (and best.yaml anywhere): make the config's paths absolute."""
-    d = to_dict(cfg)
-    for key in PATH_KEYS:
-        section, name = key.split(".")
-        v = d[section][name]
-        if v:
-            d[section][name] = str(Path(v).expanduser().resolve())
-    return config_from_dict(d)
+    paths = {key: getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]) for key in PATH_KEYS}
+    return replace(cfg, {key: str(Path(v).expanduser().resolve()) for key, v in paths.items() if v})
 
 
 def prepare_data(cfg: Config, local: bool = True) -> Config:
@@ -408,14 +402,11 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], run_dir: str | Pa
     ``train.patience`` is 0 (ASHA does the early stopping), ``loader.workers`` at most the trial's CPUs, and a
     trial without GPUs trains and decodes on the CPU.
     """
-    d = copy.deepcopy(base)
-    apply_overrides(d, {k: v for k, v in params.items()})
     forced: dict[str, Any] = {"run.out": str(run_dir), "run.quiet": True, "run.overwrite": overwrite,
                               "train.ddp": 0, "train.epochs": max_t, "train.patience": 0}
     if gpus_per_trial <= 0:
         forced.update({"train.device": "cpu", "loader.device": "cpu"})
-    apply_overrides(d, forced)
-    cfg = config_from_dict(d, "trial config")
+    cfg = replace(config_from_dict(base, "trial config"), {**params, **forced})
     workers = min(cfg.loader.workers, max(int(cpus_per_trial), 0))
     return replace(cfg, **{"loader.workers": workers}) if workers != cfg.loader.workers else cfg
 
@@ -641,10 +632,8 @@ def print_top(df: Any, space_keys: list[str], n: int = 10, console: Any = None) 
 def best_config(base: dict[str, Any], params: dict[str, Any], max_t: int) -> Config:
     """The best trial's config ready for ``fastlesion train``: base + its sampled keys, epochs = max_t, a fresh
     default run folder, progress shown."""
-    d = copy.deepcopy(base)
-    apply_overrides(d, params)
-    apply_overrides(d, {"run.out": None, "run.quiet": False, "run.overwrite": False, "train.epochs": max_t})
-    return config_from_dict(d, "best config")
+    return replace(config_from_dict(base, "best config"),
+                   {**params, "run.out": None, "run.quiet": False, "run.overwrite": False, "train.epochs": max_t})
 
 
 def write_results(setup: dict[str, Any], interrupted: bool = False, console: Any = None) -> SearchResult:

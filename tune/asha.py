@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from fastlesion.cli import _config_args, build_config, run_command
+from fastlesion.cli import add_config_args, build_config, run_command
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def make_parser() -> argparse.ArgumentParser:
         description="Search learning rate, optimizer, model and regularisation with Ray Tune's ASHA scheduler on "
                     "validation AUC. The base config is built like `fastlesion train` (config file, flags, "
                     "--section.key VALUE overrides); --epochs is ASHA's max_t.")
-    _config_args(p)
+    add_config_args(p)
     p.add_argument("--fold", type=int, help="validation fold (data.fold)")
     s = p.add_argument_group("search")
     s.add_argument("--space", metavar="FILE", default=str(Path(__file__).resolve().parent / "space.yaml"),

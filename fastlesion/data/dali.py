@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 READER = "reader"
 """Name of the ``fn.readers.file`` operator, given to the iterator as ``reader_name``."""
 
-FAST_IDCT_TRAIN = True
-"""Training decodes with libjpeg-turbo's fast integer IDCT (CPU decoder, ~15 % faster; the error, about one grey
-level, is far below the colour jitter). Evaluation always uses the accurate IDCT."""
-
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DECODE_FAILED = re.compile(r"Failed to decode sample\s*#?\d*\s*:\s*(\S[^\n]*)")
 
@@ -96,7 +92,7 @@ def build_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_s
             j = jitter(cfg)
             img = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
                                                 random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio),
-                                                num_attempts=10, use_fast_idct=FAST_IDCT_TRAIN)
+                                                num_attempts=10, use_fast_idct=cfg.fast_idct)
             img = fn.resize(img, size=[image_size, image_size], antialias=True)
             if cfg.hflip > 0 or cfg.vflip > 0:
                 img = fn.flip(img, horizontal=fn.random.coin_flip(probability=cfg.hflip) if cfg.hflip > 0 else 0,

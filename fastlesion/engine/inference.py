@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from torch import nn
 
-from fastlesion.config import Config, apply_overrides, config_from_dict, to_dict
+from fastlesion.config import Config, config_from_dict, replace
 from fastlesion.data.catalog import ISIC_CLASSES, detect_kind, load_dataset, load_isic2020_test
 from fastlesion.data.loader import build_loader
 from fastlesion.data.splits import split_dataset
@@ -40,10 +40,6 @@ def load_checkpoint_model(path: str | Path, rt: Runtime) -> tuple[nn.Module, dic
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
     return model.eval(), state, cfg
-
-
-def _config(saved: Config, overrides: list[str] | dict | None) -> Config:
-    return config_from_dict(apply_overrides(to_dict(saved), overrides or []))
 
 
 def _data_overrides(saved: Config, data: str | Path | None, dataset: str | None) -> list[str]:
@@ -72,11 +68,11 @@ def eval_checkpoint(path: str | Path, overrides: list[str] | dict | None = None,
     from fastlesion.metrics import classification_metrics
 
     state = ckpt.load(path)
-    saved = _config(config_from_dict(state["config"], str(path)), overrides)
+    saved = replace(config_from_dict(state["config"], str(path)), overrides)
     keys = overrides.keys() if isinstance(overrides, dict) else [o.split("=", 1)[0].strip() for o in overrides or []]
     if dataset is None and "data.dataset" in keys:
         dataset = saved.data.dataset  # a dotted --data.dataset counts as given
-    cfg = _config(saved, _data_overrides(saved, data, dataset))
+    cfg = replace(saved, _data_overrides(saved, data, dataset))
     rt = resolve_runtime(cfg.train)
     model, state, _ = load_checkpoint_model(path, rt)
     ds = load_dataset(cfg.data, progress=False)
@@ -131,7 +127,7 @@ def predict(path: str | Path, data: str | Path, out: str | Path, tta: bool = Fal
     probability of the second class) for a folder of images; multiclass models write one probability column per class.
     """
     state = ckpt.load(path)
-    cfg = _config(config_from_dict(state["config"], str(path)), overrides)
+    cfg = replace(config_from_dict(state["config"], str(path)), overrides)
     rt = resolve_runtime(cfg.train)
     model, state, _ = load_checkpoint_model(path, rt)
     classes = list(state["classes"])

@@ -1,7 +1,9 @@
-"""Speed switches resolved against the hardware: device, AMP dtype, GradScaler, compile, channels_last.
+"""Speed switches resolved against the hardware (device, AMP dtype, GradScaler, compile, channels_last, cudnn/TF32)
+and the one function that wraps a model with them: :func:`wrap_model`.
 
 No-op switches instead of branches (nanoGPT): ``autocast`` returns ``nullcontext()`` when AMP is off and the
-GradScaler is built with ``enabled=use_scaler`` (only fp16 needs it). Wrapper order, written down once:
+GradScaler is built with ``enabled=use_scaler`` (only fp16 needs it). The wrapper order is written once, in
+:func:`wrap_model`, and training, inference and the benchmarks all call it:
 ``create_model -> .to(device) -> channels_last -> torch.compile -> DDP``; checkpoints hold the raw module.
 """
 
@@ -11,6 +13,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from fastlesion.config import TrainConfig
 from fastlesion.errors import FastlesionError
@@ -23,6 +26,11 @@ class Runtime:
     compile: bool
     compile_mode: str | None
     channels_last: bool
+    cudnn_benchmark: bool = True  # with CUDA: cudnn autotuner and TF32 matmuls/convolutions
+
+    @property
+    def memory_format(self) -> torch.memory_format:
+        return torch.channels_last if self.channels_last else torch.contiguous_format
 
     @property
     def use_scaler(self) -> bool:
@@ -39,6 +47,13 @@ class Runtime:
 
     def grad_scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device.type, enabled=self.use_scaler)
+
+    def set_backends(self) -> None:
+        """Process-wide CUDA switches: the cudnn autotuner (input shapes are fixed per run) and TF32 math."""
+        if self.device.type == "cuda" and self.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
 
     def describe(self) -> str:
         return (f"device={self.device} amp={self.amp_name} compile={'on' if self.compile else 'off'}"
@@ -57,9 +72,30 @@ def resolve_runtime(cfg: TrainConfig, local_rank: int = 0) -> Runtime:
     else:
         amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     on = {"auto": use_cuda, "on": True, "off": False}
-    if use_cuda and cfg.cudnn_benchmark:
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
     return Runtime(device=device, amp_dtype=amp, compile=on[cfg.compile], compile_mode=cfg.compile_mode,
-                   channels_last=on[cfg.channels_last])
+                   channels_last=on[cfg.channels_last], cudnn_benchmark=cfg.cudnn_benchmark)
+
+
+@dataclass
+class WrappedModel:
+    """The views of one model that a run needs; they share their parameters."""
+
+    raw: nn.Module  # the plain module: checkpoints, the EMA, the optimizer and parameter counts use it
+    model: nn.Module  # what the training step calls: compiled and/or DDP-wrapped
+    eval_model: nn.Module  # compiled but never DDP-wrapped: evaluation needs no gradient all-reduce
+
+
+def wrap_model(raw: nn.Module, rt: Runtime, ddp: bool = False) -> WrappedModel:
+    """``raw -> .to(device) -> channels_last -> torch.compile -> DDP``, with the backend switches set first.
+
+    Compile before DDP so DDP stays out of the compiled graph (its bucketed all-reduce runs between graph pieces).
+    Under DDP the device is ``rt.device`` (``cuda:<local_rank>``), the only one the process drives.
+    """
+    rt.set_backends()
+    raw = raw.to(rt.device, memory_format=rt.memory_format)
+    compiled = torch.compile(raw, mode=rt.compile_mode) if rt.compile else raw
+    model = compiled
+    if ddp:
+        model = nn.parallel.DistributedDataParallel(compiled, device_ids=[rt.device.index]
+                                                    if rt.device.type == "cuda" else None)
+    return WrappedModel(raw=raw, model=model, eval_model=compiled)
