@@ -387,6 +387,12 @@ def replace(cfg: Config, overrides: Overrides | None = None, /, **dotted: Any) -
     return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kw) for s, kw in changes.items()})
 
 
+def lookup(cfg: Config, key: str) -> Any:
+    """The value of a dotted key: ``lookup(cfg, "optim.lr")``."""
+    section, name = check_key(key)
+    return getattr(getattr(cfg, section), name)
+
+
 def changed_keys(old: Config, new: Config) -> list[str]:
     """Dotted keys whose values differ between two configs (in declaration order)."""
     return [f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(SECTIONS[s])

@@ -84,6 +84,24 @@ def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def on_main(info: DistInfo, fn: Callable[[], Any]) -> Any:
+    """Run ``fn`` on rank 0 and give its result (or its user error) to every rank, so no rank waits forever.
+
+    The others wait in the broadcast meanwhile: what rank 0 writes first (a synthetic set, a folds file, the run
+    folder) exists before any other rank could look for it.
+    """
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except FastlesionError as e:
+            error = str(e)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise FastlesionError(error)
+    return result
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -40,6 +40,14 @@ def shard(order: np.ndarray, rank: int, world_size: int, pad: bool = True) -> np
     return order[rank::world_size]
 
 
+def eval_share(n: int, rank: int, world_size: int) -> np.ndarray:
+    """Rows ``[rank*n/W, (rank+1)*n/W)``: evaluation's contiguous, unpadded share (every row on exactly one rank).
+
+    Contiguous because that is how DALI's reader shards (``shard_id`` of ``num_shards``), so both backends agree.
+    """
+    return np.arange(rank * n // world_size, (rank + 1) * n // world_size)
+
+
 def class_ratio(labels: np.ndarray, indices: np.ndarray, num_classes: int) -> np.ndarray:
     """Fraction of each class among ``labels[indices]`` (the effective ratio after oversampling)."""
     return np.bincount(labels[indices], minlength=num_classes) / max(len(indices), 1)

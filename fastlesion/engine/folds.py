@@ -10,7 +10,8 @@ import pandas as pd
 
 from fastlesion.config import Config, replace, save_config
 from fastlesion.engine.progress import console
-from fastlesion.engine.train import prepare_run_dir, train, with_out
+from fastlesion.engine.rundir import RunDir
+from fastlesion.engine.train import train
 
 
 def train_folds(cfg: Config) -> dict[str, Any]:
@@ -21,8 +22,8 @@ def train_folds(cfg: Config) -> dict[str, Any]:
     """
     from fastlesion.metrics import classification_metrics
 
-    out = prepare_run_dir(cfg, resume=False)
-    save_config(with_out(cfg, out), out / "config.yaml")
+    out = RunDir.prepare(cfg, resume=False)
+    save_config(replace(cfg, **{"run.out": str(out)}), out / "config.yaml")
     summaries, oof = [], []
     for k in range(cfg.data.num_folds):
         fold_cfg = replace(cfg, **{"data.fold": k, "run.out": str(out / f"fold_{k}")})

@@ -6,12 +6,12 @@ checkpoint; the dataset can be overridden (another root, another fold, the holdo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-import torch
 from torch import nn
 
 from fastlesion.config import Config, config_from_dict, replace
@@ -20,8 +20,14 @@ from fastlesion.data.loader import build_loader
 from fastlesion.data.splits import split_dataset
 from fastlesion.engine import checkpoint as ckpt
 from fastlesion.engine.loop import evaluate
-from fastlesion.engine.runtime import Runtime, resolve_runtime
+from fastlesion.engine.runtime import Runtime, resolve_runtime, wrap_model
 from fastlesion.errors import FastlesionError
+
+
+def inference_runtime(cfg: Config) -> Runtime:
+    """The training runtime of ``cfg`` without torch.compile: inference is one pass whose last batch differs in
+    size, so compiling (and recompiling for that batch) would cost more than it saves."""
+    return dataclasses.replace(resolve_runtime(cfg.train), compile=False)
 
 
 def load_checkpoint_model(path: str | Path, rt: Runtime) -> tuple[nn.Module, dict[str, Any], Config]:
@@ -38,8 +44,7 @@ def load_checkpoint_model(path: str | Path, rt: Runtime) -> tuple[nn.Module, dic
     except RuntimeError as e:
         raise FastlesionError(f"{path}: weights do not fit {state['model_name']} "
                               f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
-    model = model.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    return model.eval(), state, cfg
+    return wrap_model(model, rt).eval_model.eval(), state, cfg
 
 
 def _data_overrides(saved: Config, data: str | Path | None, dataset: str | None) -> list[str]:
@@ -64,7 +69,7 @@ def eval_checkpoint(path: str | Path, overrides: list[str] | dict | None = None,
     ``data`` / ``dataset`` evaluate on another root (applied after ``overrides``); without ``dataset`` its layout is
     detected (isic2020, ham10000 or folder), as ``fastlesion train`` does."""
     from fastlesion import report
-    from fastlesion.engine.train import predictions_frame
+    from fastlesion.engine.rundir import predictions_frame
     from fastlesion.metrics import classification_metrics
 
     state = ckpt.load(path)
@@ -73,7 +78,7 @@ def eval_checkpoint(path: str | Path, overrides: list[str] | dict | None = None,
     if dataset is None and "data.dataset" in keys:
         dataset = saved.data.dataset  # a dotted --data.dataset counts as given
     cfg = replace(saved, _data_overrides(saved, data, dataset))
-    rt = resolve_runtime(cfg.train)
+    rt = inference_runtime(cfg)
     model, state, _ = load_checkpoint_model(path, rt)
     ds = load_dataset(cfg.data, progress=False)
     if list(ds.classes) != list(state["classes"]):
@@ -128,7 +133,7 @@ def predict(path: str | Path, data: str | Path, out: str | Path, tta: bool = Fal
     """
     state = ckpt.load(path)
     cfg = replace(config_from_dict(state["config"], str(path)), overrides)
-    rt = resolve_runtime(cfg.train)
+    rt = inference_runtime(cfg)
     model, state, _ = load_checkpoint_model(path, rt)
     classes = list(state["classes"])
     table, id_col = image_table(data)

@@ -98,7 +98,7 @@ def train_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer: torch.o
     """
     model.train()
     steps = len(loader) if max_steps is None else min(len(loader), max_steps)
-    no_sync = getattr(model, "no_sync", None)
+    ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     losses: list[torch.Tensor] = []
     total, images, data_s, window_start = 0.0, 0, 0.0, 0
     t0 = t_data = time.perf_counter()
@@ -108,7 +108,7 @@ def train_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer: torch.o
         data_s += time.perf_counter() - t_data
         last_micro = (i + 1) % accum == 0 or i + 1 == steps
         # DDP: skip the gradient all-reduce on accumulation micro-steps
-        ctx = no_sync() if (no_sync is not None and not last_micro) else nullcontext()
+        ctx = model.no_sync() if (ddp and not last_micro) else nullcontext()
         with ctx:
             losses.append(forward_backward(model, x, y, loss_fn, rt, scaler, accum))
         if last_micro:

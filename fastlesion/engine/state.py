@@ -1,0 +1,125 @@
+"""What a training run holds in memory (:class:`Session`) and the checkpoint form of it.
+
+:class:`Session` is built once by :func:`fastlesion.engine.train.build_session`; the epoch loop mutates its counters
+(``epoch``, ``global_step``, ``rows``) and the objects it holds. :func:`checkpoint_state` and :func:`restore` are the
+two directions between a session and a ``last.pt`` / ``best.pt``: everything ``--resume`` needs to continue as if
+never stopped (model, optimizer, scaler, schedule, early stopping, EMA, epoch, RNG).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from fastlesion import dist
+from fastlesion.config import Config, to_dict
+from fastlesion.data.catalog import Dataset
+from fastlesion.data.loader import Loader
+from fastlesion.data.splits import Split
+from fastlesion.engine import checkpoint as ckpt
+from fastlesion.engine.optim import Plateau, lr_at
+from fastlesion.engine.runtime import Runtime, WrappedModel
+from fastlesion.errors import FastlesionError
+
+
+@dataclass
+class TrainData:
+    """The dataset of a run, loaded, filtered and split once per process (or once for all ``--ddp`` workers)."""
+
+    ds: Dataset
+    split: Split
+
+
+@dataclass
+class EarlyStop:
+    """Best value of the watched metric, its epoch, and epochs since it improved."""
+
+    mode: str = "max"
+    patience: int = 5
+    best: float = math.nan
+    best_epoch: int = 0
+    bad_epochs: int = 0
+
+    def update(self, value: float, epoch: int) -> bool:
+        """Record ``value``; True when it is a new best (the first epoch always is)."""
+        if self.best_epoch == 0 or (not math.isnan(value) and (
+                math.isnan(self.best) or (value > self.best if self.mode == "max" else value < self.best))):
+            self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
+            return True
+        self.bad_epochs += 1
+        return False
+
+    @property
+    def should_stop(self) -> bool:
+        return self.patience > 0 and self.bad_epochs >= self.patience
+
+
+def early_stop_mode(cfg: Config) -> str:
+    """``train.early_stop_mode`` with ``auto`` resolved: a loss is minimised, every other metric maximised."""
+    mode = cfg.train.early_stop_mode
+    if mode == "auto":
+        return "min" if cfg.train.early_stop_metric.endswith("loss") else "max"
+    return mode
+
+
+@dataclass
+class Session:
+    """Everything a training run holds; built by :func:`fastlesion.engine.train.build_session`."""
+
+    cfg: Config
+    info: dist.DistInfo
+    rt: Runtime
+    data: TrainData
+    net: WrappedModel  # raw module, the training view (compiled / DDP) and the evaluation view
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    train_loader: Loader
+    val_loader: Loader
+    steps_per_epoch: int
+    ema: ckpt.Ema | None = None
+    plateau: Plateau = field(default_factory=Plateau)
+    early: EarlyStop = field(default_factory=EarlyStop)
+    epoch: int = 0  # epochs completed
+    global_step: int = 0  # optimizer steps taken
+    rows: list[dict] = field(default_factory=list)  # metrics.csv so far
+    params: int = 0
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.data.ds.classes)
+
+    def current_lr(self) -> float:
+        """The schedule's lr at the current optimizer step (``plateau`` scales it)."""
+        opt_steps_per_epoch = -(-self.steps_per_epoch // self.cfg.optim.grad_accum)
+        return lr_at(self.global_step, self.cfg.optim, opt_steps_per_epoch, self.cfg.train.epochs) * \
+            self.plateau.factor
+
+
+def checkpoint_state(s: Session, metrics: dict | None = None) -> dict[str, Any]:
+    """The checkpoint dict of a session: raw weights (no compile/DDP prefixes), optimizer, schedule, RNG, config."""
+    return {"model": ckpt.unwrap(s.net.raw).state_dict(), "optimizer": s.optimizer.state_dict(),
+            "scaler": s.scaler.state_dict(), "plateau": s.plateau.state_dict(), "early": vars(s.early).copy(),
+            "ema": s.ema.module.state_dict() if s.ema else None, "epoch": s.epoch, "global_step": s.global_step,
+            "rng": ckpt.rng_state(), "classes": s.classes, "model_name": s.cfg.model.name,
+            "config": to_dict(s.cfg), "metrics": metrics or {}, "rows": s.rows}
+
+
+def restore(s: Session, state: dict[str, Any]) -> None:
+    """Continue from a ``last.pt``: model, optimizer, scaler, schedule, early stopping, EMA, epoch, RNG."""
+    if state.get("classes") != s.classes:
+        raise FastlesionError(f"checkpoint classes {state.get('classes')} do not match the dataset's {s.classes}")
+    s.net.raw.load_state_dict(state["model"])
+    s.optimizer.load_state_dict(state["optimizer"])
+    s.scaler.load_state_dict(state["scaler"])
+    s.plateau.load_state_dict(state["plateau"])
+    for k, v in state["early"].items():
+        setattr(s.early, k, v)
+    if s.ema is not None and state.get("ema") is not None:
+        s.ema.module.load_state_dict(state["ema"])
+    s.epoch, s.global_step, s.rows = int(state["epoch"]), int(state["global_step"]), list(state.get("rows", []))
+    ckpt.set_rng_state(state["rng"])
