@@ -29,6 +29,7 @@ it never hangs); ``fastlesion check`` writes the exclusion list that keeps such 
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 from collections.abc import Iterator
@@ -39,6 +40,7 @@ import torch
 
 from fastlesion.config import LoaderConfig
 from fastlesion.data import sampling
+from fastlesion.data.loader import ShardedLoader
 from fastlesion.data.transforms import MEAN_255, STD_255, eval_resize_size, jitter
 from fastlesion.errors import ConfigError, DatasetError
 
@@ -56,71 +58,91 @@ def _pipeline_seed(seed: int, rank: int, epoch: int, train: bool) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch, int(train)]).generate_state(1)[0] & 0x7FFFFFFF)
 
 
-def build_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_size: int, train: bool,
-                   batch_size: int, shard_id: int = 0, num_shards: int = 1, dali_device: str = "cpu",
-                   device_id: int | None = None, seed: int = 0, channels_last: bool = False):
-    """The DALI pipeline (not yet built) of one epoch: outputs ``images`` and ``rows`` (the reader's labels).
+def lesion_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_size: int, train: bool,
+                    shard_id: int = 0, num_shards: int = 1, dali_device: str = "cpu", channels_last: bool = False):
+    """The DALI graph, declared once: outputs ``images`` and ``rows`` (the reader's labels, the table rows).
+
+    A ``@pipeline_def`` graph function (applied in :func:`build_pipeline`, which keeps DALI's import lazy): the
+    run-time settings (batch size, threads, device, seed, queue depth) are not its arguments but the Pipeline's,
+    given when it is built, as in NVIDIA's PyTorch ResNet-50 example.
 
     Args:
         files: image paths in reading order (the reader splits them into ``num_shards`` contiguous shards).
         rows: one integer per file, returned with its image (the row index into the table).
-        cfg: augmentation parameters, threads (``workers``), queue depth (``prefetch``) and dtype.
+        cfg: augmentation parameters, IDCT choice and output dtype.
         image_size: square output size.
         train: training (random crop + augmentation) or evaluation (resize + center crop) graph.
-        batch_size: samples per batch.
         shard_id: this process's shard.
         num_shards: number of shards (DDP world size).
-        dali_device: ``cpu`` (everything on CPU threads, ``device_id=None``) or ``gpu`` (nvJPEG ``mixed`` decode
-            and GPU operators on ``device_id``).
-        device_id: CUDA device of a ``gpu`` pipeline.
-        seed: seed of the random operators.
+        dali_device: ``cpu`` (everything on CPU threads) or ``gpu`` (nvJPEG ``mixed`` decode, GPU operators).
         channels_last: output HWC (to become a channels_last NCHW tensor) instead of CHW.
     """
     from nvidia.dali import fn, types
-    from nvidia.dali.pipeline import Pipeline
 
-    gpu = dali_device == "gpu"
-    pipe = Pipeline(batch_size=batch_size, num_threads=max(1, cfg.workers), device_id=device_id if gpu else None,
-                    seed=seed, prefetch_queue_depth=max(1, cfg.prefetch))
     dtype = types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT
     layout = "HWC" if channels_last else "CHW"
-    decode_device = "mixed" if gpu else "cpu"
-    with pipe:
-        jpegs, row = fn.readers.file(files=files, labels=rows, shard_id=shard_id, num_shards=num_shards,
-                                     random_shuffle=False, pad_last_batch=True, stick_to_shard=True, name=READER)
-        if train:
-            j = jitter(cfg)
-            img = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
-                                                random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio),
-                                                num_attempts=10, use_fast_idct=cfg.fast_idct)
-            img = fn.resize(img, size=[image_size, image_size], antialias=True)
-            if cfg.hflip > 0 or cfg.vflip > 0:
-                img = fn.flip(img, horizontal=fn.random.coin_flip(probability=cfg.hflip) if cfg.hflip > 0 else 0,
-                              vertical=fn.random.coin_flip(probability=cfg.vflip) if cfg.vflip > 0 else 0)
-            if j["rotate"] > 0:
-                # nearest neighbour, as torchvision's RandomRotation: ~10x cheaper than linear on DALI's CPU warp
-                img = fn.rotate(img, angle=fn.random.uniform(range=[-j["rotate"], j["rotate"]]), keep_size=True,
-                                fill_value=0, interp_type=types.INTERP_NN)
-            twist = {}
-            for key in ("brightness", "contrast", "saturation"):
-                if j[key] > 0:
-                    twist[key] = fn.random.uniform(range=[max(0.0, 1.0 - j[key]), 1.0 + j[key]])
-            if j["hue"] > 0:  # torchvision: a fraction of the hue circle; DALI: degrees
-                twist["hue"] = fn.random.uniform(range=[-360.0 * j["hue"], 360.0 * j["hue"]])
-            if twist:
-                img = fn.color_twist(img, **twist)
-            img = fn.crop_mirror_normalize(img, dtype=dtype, output_layout=layout, mean=list(MEAN_255),
-                                           std=list(STD_255))
-        else:
-            img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
-            img = fn.resize(img, resize_shorter=eval_resize_size(image_size, cfg.eval_crop), antialias=True)
-            img = fn.crop_mirror_normalize(img, dtype=dtype, output_layout=layout, crop=[image_size, image_size],
-                                           crop_pos_x=0.5, crop_pos_y=0.5, mean=list(MEAN_255), std=list(STD_255))
-        pipe.set_outputs(img, row)
-    return pipe
+    decode_device = "mixed" if dali_device == "gpu" else "cpu"
+    jpegs, row = fn.readers.file(files=files, labels=rows, shard_id=shard_id, num_shards=num_shards,
+                                 random_shuffle=False, pad_last_batch=True, stick_to_shard=True, name=READER)
+    if not train:
+        img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        img = fn.resize(img, resize_shorter=eval_resize_size(image_size, cfg.eval_crop), antialias=True)
+        img = fn.crop_mirror_normalize(img, dtype=dtype, output_layout=layout, crop=[image_size, image_size],
+                                       crop_pos_x=0.5, crop_pos_y=0.5, mean=list(MEAN_255), std=list(STD_255))
+        return img, row
+    # only the crop window is decoded (libjpeg-turbo ROI decoding on CPU, nvJPEG on GPU)
+    img = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
+                                        random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio),
+                                        num_attempts=10, use_fast_idct=cfg.fast_idct)
+    img = fn.resize(img, size=[image_size, image_size], antialias=True)
+    img = _augment(img, cfg)
+    img = fn.crop_mirror_normalize(img, dtype=dtype, output_layout=layout, mean=list(MEAN_255), std=list(STD_255))
+    return img, row
 
 
-class DaliLoader:
+def _augment(img, cfg: LoaderConfig):
+    """Flips, rotation and colour jitter; an operator whose strength is 0 is left out of the graph."""
+    from nvidia.dali import fn, types
+
+    j = jitter(cfg)
+    if cfg.hflip > 0 or cfg.vflip > 0:
+        img = fn.flip(img, horizontal=fn.random.coin_flip(probability=cfg.hflip) if cfg.hflip > 0 else 0,
+                      vertical=fn.random.coin_flip(probability=cfg.vflip) if cfg.vflip > 0 else 0)
+    if j["rotate"] > 0:
+        # nearest neighbour, as torchvision's RandomRotation: ~10x cheaper than linear on DALI's CPU warp
+        img = fn.rotate(img, angle=fn.random.uniform(range=[-j["rotate"], j["rotate"]]), keep_size=True,
+                        fill_value=0, interp_type=types.INTERP_NN)
+    twist = {}
+    for key in ("brightness", "contrast", "saturation"):
+        if j[key] > 0:
+            twist[key] = fn.random.uniform(range=[max(0.0, 1.0 - j[key]), 1.0 + j[key]])
+    if j["hue"] > 0:  # torchvision: a fraction of the hue circle; DALI: degrees
+        twist["hue"] = fn.random.uniform(range=[-360.0 * j["hue"], 360.0 * j["hue"]])
+    return fn.color_twist(img, **twist) if twist else img
+
+
+@functools.cache
+def _pipeline_factory():
+    """``pipeline_def(lesion_pipeline)``, made on first use so that importing this module needs no DALI."""
+    from nvidia.dali import pipeline_def
+
+    return pipeline_def(lesion_pipeline)
+
+
+def build_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_size: int, train: bool,
+                   batch_size: int, shard_id: int = 0, num_shards: int = 1, dali_device: str = "cpu",
+                   device_id: int | None = None, seed: int = 0, channels_last: bool = False):
+    """The pipeline (not yet built) of one epoch: :func:`lesion_pipeline`'s graph with the run-time settings
+    ``batch_size``, ``num_threads`` (``cfg.workers``), ``device_id`` (None: a CPU-only pipeline), ``seed`` and
+    ``prefetch_queue_depth`` (``cfg.prefetch``)."""
+    return _pipeline_factory()(files, rows, cfg, image_size, train, shard_id=shard_id, num_shards=num_shards,
+                               dali_device=dali_device, channels_last=channels_last,
+                               batch_size=batch_size, num_threads=max(1, cfg.workers),
+                               device_id=device_id if dali_device == "gpu" else None, seed=seed,
+                               prefetch_queue_depth=max(1, cfg.prefetch))
+
+
+class DaliLoader(ShardedLoader):
     """DALI loader over a catalog table (or a split of it), sharded per rank, with per-epoch shuffling/oversampling.
 
     Args:
@@ -134,9 +156,8 @@ class DaliLoader:
         channels_last: deliver images in the channels_last memory format.
         dali_device: ``cpu`` (whole pipeline on CPU threads) or ``gpu`` (nvJPEG + GPU operators).
 
-    Attributes:
-        num_samples: samples this rank yields per epoch (evaluation: its exact share, no duplicates).
-        effective_class_ratio: fraction of each class in the current epoch's order (all ranks together).
+    The bookkeeping (``num_samples``, ``batch_size``, ``drop_last``, ``len()``, ``effective_class_ratio``, epoch
+    orders) is :class:`~fastlesion.data.loader.ShardedLoader`'s, shared with the torch loader.
     """
 
     backend = "dali"
@@ -148,31 +169,16 @@ class DaliLoader:
             raise ConfigError(f"loader.device: {dali_device!r} is not one of ('cpu', 'gpu')")
         if dali_device == "gpu" and not torch.cuda.is_available():
             raise ConfigError("loader.device: 'gpu' needs CUDA, which is not available here (use loader.device=cpu)")
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside world_size {world_size}")
         if len(table) == 0:
             raise DatasetError("DALI loader: the table is empty (no images to load)")
-        self.cfg, self.image_size, self.train = cfg, image_size, train
-        self.rank, self.world_size = rank, world_size
-        self.device = torch.device(device)
-        self.channels_last = channels_last
+        super().__init__(table, cfg, train, rank=rank, world_size=world_size, device=device,
+                         channels_last=channels_last)
+        self.image_size = image_size
         self.device_name = dali_device
         self.paths: list[str] = table["path"].astype(str).tolist()
-        self.labels = table["label"].to_numpy().astype(np.int64)
-        self.num_classes = int(self.labels.max()) + 1
-        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or 2 * cfg.batch_size)
         self.dtype = _TORCH_DTYPES[cfg.dtype]
-        n = len(self.paths)
-        if train:
-            self.num_samples = -(-n // world_size)  # padded: equal on every rank
-        else:
-            self.num_samples = (rank + 1) * n // world_size - rank * n // world_size
-        self.drop_last = train and self.num_samples >= self.batch_size
-        self.epoch = 0
-        self.effective_class_ratio = np.zeros(self.num_classes)
         self._files: list[str] = []  # the reader's file list (all shards)
         self._rows: list[int] = []
-        self._shard_begin = 0  # where this rank's shard starts in _files
         self._pipe = None
         self._it = None
         self._stale = True  # the pipeline does not match the current order: rebuild before iterating
@@ -181,42 +187,29 @@ class DaliLoader:
 
     # ------------------------------------------------------------------------------------------------- orders
     def set_epoch(self, epoch: int) -> None:
-        """Draw this epoch's order (same on all ranks; oversampled when configured) and schedule a new pipeline."""
-        if not self.train:
+        """Draw this epoch's order (same on all ranks; oversampled when configured) and schedule a new pipeline.
+
+        Evaluation reads the table in order every epoch, so its pipeline is built once and reused."""
+        if self._files and (epoch == self.epoch or not self.train):
             self.epoch = epoch
-            if not self._files:
-                self._files, self._rows = list(self.paths), list(range(len(self.paths)))
-                self._shard_begin = self.rank * len(self.paths) // self.world_size
-                self.effective_class_ratio = sampling.class_ratio(self.labels, np.arange(len(self.labels)),
-                                                                  self.num_classes)
-            return
-        if epoch == self.epoch and self._files:
             return
         self.epoch = epoch
-        power = self.cfg.oversample_power if self.cfg.oversample else None
-        order = sampling.epoch_order(self.labels, epoch, self.cfg.seed, shuffle=True, oversample_power=power)
-        self.effective_class_ratio = sampling.class_ratio(self.labels, order, self.num_classes)
-        if power:
+        order = self.draw_order(epoch)
+        if self.train and self.cfg.oversample:
             log.info("epoch %d: oversampled class ratio %s", epoch,
                      " ".join(f"{r:.3f}" for r in self.effective_class_ratio))
-        # lay the shards out contiguously: DALI's shard r of W is then exactly sampling.shard(order, r, W)
+        # training: lay the shards out contiguously, so that DALI's shard r of W is exactly ShardedLoader.shard for
+        # rank r (evaluation's shares are contiguous already)
         arranged = np.concatenate([sampling.shard(order, r, self.world_size, pad=True)
-                                   for r in range(self.world_size)])
+                                   for r in range(self.world_size)]) if self.train else order
         self._rows = arranged.tolist()
         self._files = [self.paths[i] for i in self._rows]
-        self._shard_begin = self.rank * self.num_samples
         self._stale = True
 
     def shard_rows(self) -> np.ndarray:
         """Row indices this rank reads in the current epoch, in order (training: padded like the torch loader)."""
-        n = len(self._rows)
-        begin = self._shard_begin
-        end = begin + self.num_samples if self.train else (self.rank + 1) * n // self.world_size
-        return np.asarray(self._rows[begin:end], dtype=np.int64)
-
-    def __len__(self) -> int:
-        n = self.num_samples
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        begin = self.rank * self.num_samples if self.train else self.rank * len(self._rows) // self.world_size
+        return np.asarray(self._rows[begin:begin + self.num_samples], dtype=np.int64)
 
     # ------------------------------------------------------------------------------------------------- pipeline
     def _close(self) -> None:

@@ -14,7 +14,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from fastlesion.config import LoaderConfig
-from fastlesion.data import sampling
+from fastlesion.data.loader import ShardedLoader
 from fastlesion.data.transforms import eval_transform, train_transform
 from fastlesion.errors import DatasetError
 
@@ -61,46 +61,30 @@ class _ListSampler(torch.utils.data.Sampler):
         return len(self.indices)
 
 
-class TorchLoader:
+class TorchLoader(ShardedLoader):
     """DataLoader-based loader over a table, sharded per rank, with per-epoch shuffling/oversampling."""
 
     backend = "torch"
 
     def __init__(self, table: pd.DataFrame, cfg: LoaderConfig, image_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", channels_last: bool = False) -> None:
-        self.cfg, self.train, self.rank, self.world_size = cfg, train, rank, world_size
-        self.device = torch.device(device)
-        self.channels_last = channels_last
-        self.labels = table["label"].to_numpy().astype(np.int64)
-        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
-        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or 2 * cfg.batch_size)
+        super().__init__(table, cfg, train, rank=rank, world_size=world_size, device=device,
+                         channels_last=channels_last)
         tf = train_transform(cfg, image_size) if train else eval_transform(cfg, image_size)
         self.dataset = ImageTable(table["path"].tolist(), self.labels, tf)
         self.sampler = _ListSampler()
-        self.epoch = 0
         self.set_epoch(0)
-        self.num_samples = len(self.sampler.indices)
-        self.drop_last = train and self.num_samples >= self.batch_size
         self.loader = torch.utils.data.DataLoader(
             self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=cfg.workers,
             pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
             persistent_workers=cfg.workers > 0, prefetch_factor=cfg.prefetch if cfg.workers > 0 else None)
-        self.device_name = "cpu"
 
     def set_epoch(self, epoch: int) -> None:
-        """Draw this epoch's order (same on all ranks) and take this rank's shard."""
+        """Draw this epoch's order (same on all ranks), take this rank's shard and one augmentation seed per sample."""
         self.epoch = epoch
-        order = sampling.epoch_order(self.labels, epoch, self.cfg.seed, shuffle=self.train,
-                                     oversample_power=self.cfg.oversample_power if self.train and self.cfg.oversample
-                                     else None)
-        self.effective_class_ratio = sampling.class_ratio(self.labels, order, self.num_classes)
-        self.sampler.indices = sampling.shard(order, self.rank, self.world_size, pad=self.train).tolist()
+        self.sampler.indices = self.shard(self.draw_order(epoch)).tolist()
         rng = np.random.default_rng([self.cfg.seed, epoch, self.rank])
         self.sampler.seeds = rng.integers(0, 2**62, len(self.sampler.indices)).tolist()
-
-    def __len__(self) -> int:
-        n = len(self.sampler.indices)
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format

@@ -7,7 +7,8 @@ few trials. This callback prints what a user follows instead::
     trial 3f2a1_00002 epoch 2/8  val_auc 0.7123  best 0.7123
     trial 3f2a1_00002 stopped by ASHA after epoch 2 (best val_auc 0.7123)
 
-It imports Ray at import time: import it only where Ray is needed (``fastlesion.tune`` does so lazily). A class at
+It imports Ray at import time: import it only where Ray is needed (:mod:`fastlesion.tune.search` does so lazily,
+inside the function that builds the run configuration), never from ``fastlesion/tune/__init__.py``. A class at
 module level, so that Ray can pickle it with the run configuration of a restorable experiment.
 """
 
