@@ -1,8 +1,10 @@
 """Shared pieces of the benchmarks: models and runtimes built as training builds them, timing, samplers, rows.
 
 Nothing here re-implements training: the step is :func:`fastlesion.engine.loop.train_step`, the optimizer comes from
-:func:`fastlesion.engine.optim.create_optimizer`, the runtime is a :class:`fastlesion.engine.runtime.Runtime` and the
-model is wrapped in the order ``train(cfg)`` uses (``create_model -> to(device) -> channels_last -> torch.compile``).
+:func:`fastlesion.engine.optim.create_optimizer`, the runtime is a :class:`fastlesion.engine.runtime.Runtime` (its
+``set_backends`` holds the cudnn/TF32 switches) and the model is wrapped by training's own
+:func:`fastlesion.engine.runtime.wrap_model` (``create_model -> to(device) -> channels_last -> torch.compile``), so a
+benchmark measures exactly what training runs. User errors fail as the CLI's do (:func:`run_main`).
 """
 
 from __future__ import annotations
@@ -26,15 +28,44 @@ from typing import Any
 import torch
 from torch import nn
 
-from fastlesion.config import OptimConfig
+from fastlesion.config import LoaderConfig, OptimConfig
 from fastlesion.engine.optim import create_optimizer
-from fastlesion.engine.runtime import Runtime
+from fastlesion.engine.runtime import Runtime, wrap_model
+from fastlesion.errors import FastlesionError
 
 AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 """Mode name of the precision -> autocast dtype (None = plain fp32)."""
 
 REQUIRED_KEYS = ("model", "mode", "batch_size", "images_per_s", "device_name")
 """Keys every result row carries (issue #6); the comparison relies on them."""
+
+
+# ------------------------------------------------------------------------------------------------------ errors
+class BenchmarkError(FastlesionError, SystemExit):
+    """A user error of a benchmark (a bad flag value, missing data or result files): one line naming the culprit.
+
+    A :class:`FastlesionError`, so a script's ``main`` (:func:`run_main`) prints it as one ``error:`` line and exits
+    with status 2, as the ``fastlesion`` CLI does; also a ``SystemExit``, so a script body called directly
+    (``run(argv)`` from a test or another script) stops with it as it always did.
+    """
+
+    def __init__(self, message: str) -> None:
+        SystemExit.__init__(self, message)  # sets ``code`` too: uncaught, it still exits non-zero with the message
+
+
+def run_main(body: Callable[[], int | list[dict[str, Any]]]) -> int:
+    """A benchmark script's ``main``: ``body`` through the CLI's error path (:func:`fastlesion.cli.run_command`).
+
+    A user error prints one ``error:`` line and returns 2, Ctrl-C returns 130. A body returning rows ends as
+    :func:`exit_status` says (0 when a case was measured, else 1); one returning an int returns it.
+    """
+    from fastlesion.cli import run_command
+
+    def call() -> int:
+        result = body()
+        return result if isinstance(result, int) else exit_status(result)
+
+    return run_command(call)
 
 
 # ------------------------------------------------------------------------------------------------------ modes
@@ -64,32 +95,32 @@ def split_list(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
-def int_list(text: str) -> list[int]:
-    return [int(t) for t in split_list(text)]
+def int_list(text: str, flag: str = "") -> list[int]:
+    """``"64,128"`` -> ``[64, 128]``; anything but positive whole numbers is a :class:`BenchmarkError`."""
+    try:
+        values = [int(t) for t in split_list(text)]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise BenchmarkError(f"{flag or 'list'}: expected comma-separated whole numbers >= 1, got {text!r}")
+    return values
 
 
 # ------------------------------------------------------------------------------------------------------ device
 def resolve_device(name: str = "auto") -> torch.device:
     """``auto`` -> the current CUDA device when there is one, else CPU; ``cuda`` without CUDA is an error."""
     if name not in ("auto", "cuda", "cpu"):
-        raise SystemExit(f"--device must be auto, cuda or cpu, got {name!r}")
+        raise BenchmarkError(f"--device must be auto, cuda or cpu, got {name!r}")
     if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda but no CUDA device is available (use --device auto or cpu)")
+        raise BenchmarkError("--device cuda but no CUDA device is available (use --device auto or cpu)")
     if name != "cpu" and torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
 
-def setup_backends(device: torch.device) -> None:
-    """The same backend switches ``resolve_runtime`` sets for training on CUDA (cudnn autotuner, TF32)."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-
-
 def make_runtime(device: torch.device, compile: bool, amp: str, channels_last: bool,
                  compile_mode: str | None = None) -> Runtime:
+    """The training :class:`Runtime` of one speed mode; its ``set_backends`` runs in :func:`build_training`."""
     return Runtime(device=device, amp_dtype=AMP_DTYPES[amp], compile=compile, compile_mode=compile_mode,
                    channels_last=channels_last)
 
@@ -135,22 +166,30 @@ class TrainSetup:
 
 
 def build_training(name: str, num_classes: int, rt: Runtime, lr: float = 0.01, seed: int = 0) -> TrainSetup:
-    """Model + SGD (momentum 0.9) + cross-entropy + GradScaler, wrapped in training's order.
+    """Model + SGD (momentum 0.9) + cross-entropy + GradScaler, the model wrapped by training's :func:`wrap_model`.
 
-    ``create_model -> to(device) -> channels_last -> torch.compile`` as in ``fastlesion.engine.train.build_session``;
+    ``create_model -> wrap_model(raw, rt)`` (backend switches, ``to(device) -> channels_last -> torch.compile``);
     the optimizer comes from the training code (``optim.name=sgd``).
     """
     from fastlesion.models import count_params, create_model
 
     torch.manual_seed(seed)
-    raw = create_model(name, num_classes=num_classes)
-    raw = raw.to(rt.device, memory_format=torch.channels_last if rt.channels_last else torch.contiguous_format)
-    raw.train()
-    model = torch.compile(raw, mode=rt.compile_mode) if rt.compile else raw
+    wrapped = wrap_model(create_model(name, num_classes=num_classes), rt)
+    raw = wrapped.raw.train()
     optimizer = create_optimizer(raw, OptimConfig(name="sgd", lr=lr, momentum=0.9, nesterov=False,
                                                   weight_decay=0.0))
-    return TrainSetup(raw=raw, model=model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss().to(rt.device),
+    return TrainSetup(raw=raw, model=wrapped.model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss().to(rt.device),
                       scaler=rt.grad_scaler(), rt=rt, params=count_params(raw))
+
+
+def loader_config(backend: str, batch_size: int, workers: int, seed: int = 0, fast_idct: bool = True) -> LoaderConfig:
+    """The training :class:`LoaderConfig` of a benchmark backend (``torch``, ``dali-cpu`` or ``dali-gpu``), for
+    :func:`fastlesion.data.loader.build_loader`; ``fast_idct`` is DALI's training decode (the torch loader ignores
+    it)."""
+    if backend == "torch":
+        return LoaderConfig(backend="torch", batch_size=batch_size, workers=workers, seed=seed, fast_idct=fast_idct)
+    return LoaderConfig(backend="dali", device=backend.split("-", 1)[1], batch_size=batch_size, workers=workers,
+                        seed=seed, fast_idct=fast_idct)
 
 
 def synthetic_batch(batch_size: int, image_size: int, num_classes: int, device: torch.device,
@@ -290,13 +329,19 @@ def _tree_cpu_seconds() -> float:
 
 
 class CpuMeter:
-    """CPU utilisation over an interval: whole machine (``/proc/stat``) and this process tree, in % of all cores."""
+    """CPU utilisation over an interval: whole machine (``/proc/stat``) and this process tree, in % of all cores.
+
+    After :meth:`stop`, ``cpu_seconds`` holds the CPU time the process tree used (DataLoader worker processes and
+    DALI threads included) and ``wall_seconds`` the interval.
+    """
 
     def __init__(self) -> None:
         self.cores = os.cpu_count() or 1
         self._sys0: tuple[float, float] | None = None
         self._tree0 = 0.0
         self._t0 = 0.0
+        self.cpu_seconds = 0.0
+        self.wall_seconds = 0.0
         self.result: dict[str, Any] = {}
 
     def start(self) -> CpuMeter:
@@ -309,7 +354,8 @@ class CpuMeter:
         system = None
         if self._sys0 is not None and sys1 is not None and sys1[1] > self._sys0[1]:
             system = 100.0 * (sys1[0] - self._sys0[0]) / (sys1[1] - self._sys0[1])
-        proc = 100.0 * (tree1 - self._tree0) / wall / self.cores
+        self.cpu_seconds, self.wall_seconds = tree1 - self._tree0, wall
+        proc = 100.0 * self.cpu_seconds / wall / self.cores
         self.result = {"cpu_util_percent": _round(system, 1), "proc_cpu_percent": _round(proc, 1),
                        "cpu_cores": self.cores}
         return self.result
@@ -569,7 +615,7 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
             try:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not a JSON object ({e.msg})") from None
+                raise BenchmarkError(f"{path}:{n}: not a JSON object ({e.msg})") from None
     return rows
 
 

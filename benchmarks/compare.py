@@ -64,7 +64,7 @@ def row_config(row: dict[str, Any]) -> str:
 
 def load_rows(files: list[str], labels: dict[str, str], metric: str) -> tuple[pd.DataFrame, list[str], dict]:
     """Rows of all files as a frame (one line per measurement) and machines in order of first appearance."""
-    records, machines, files_of = [], [], {}
+    records, machines, files_of, seen_metric = [], [], {}, False
     for f in files:
         rows = common.read_jsonl(f)
         if not rows:
@@ -79,18 +79,21 @@ def load_rows(files: list[str], labels: dict[str, str], metric: str) -> tuple[pd
                 machines.append(machine)
             files_of.setdefault(machine, set()).add(f)
             value = r.get(metric)
+            seen_metric = seen_metric or metric in r
             ok = r.get("status", "ok") == "ok" and isinstance(value, (int, float)) and math.isfinite(value)
             records.append({"machine": machine, "bench": r.get("bench") or "train_step", "model": r["model"],
                             "config": row_config(r), "image_size": r.get("image_size"),
                             "batch_size": r.get("requested_batch_size") or r["batch_size"],
                             "value": float(value) if ok else math.nan, "device_name": r["device_name"]})
+    if records and not seen_metric:
+        raise common.BenchmarkError(f"--metric {metric!r}: no result row has it (e.g. images_per_s)")
     frame = pd.DataFrame.from_records(records, columns=["machine", *KEY, "value", "device_name"])
     return frame, machines, files_of
 
 
 def pick_reference(ref: str | None, machines: list[str], files_of: dict[str, set]) -> str:
     if not machines:
-        raise SystemExit("no result rows found")
+        raise common.BenchmarkError("no result rows found")
     if ref is None:
         return machines[0]
     if ref.isdigit() and int(ref) < len(machines):
@@ -104,7 +107,7 @@ def pick_reference(ref: str | None, machines: list[str], files_of: dict[str, set
     if len(hits) == 1:
         return hits[0]
     what = "matches several machines" if hits else "matches no machine"
-    raise SystemExit(f"--reference {ref!r} {what}; machines: {'; '.join(machines)}")
+    raise common.BenchmarkError(f"--reference {ref!r} {what}; machines: {'; '.join(machines)}")
 
 
 def pivot(frame: pd.DataFrame, machines: list[str], reference: str) -> pd.DataFrame:
@@ -266,19 +269,24 @@ def compare(files: list[str], reference: str | None = None, out: str | Path = "b
             "plots": pngs, "overall": overall}
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(argv: list[str] | None = None) -> int:
+    """The script's body: 0 when the merged table has a line, else 1."""
     args = parse_args(argv)
     labels = {}
     for item in args.label:
         if "=" not in item:
-            raise SystemExit(f"--label {item!r}: expected FILE=NAME")
+            raise common.BenchmarkError(f"--label {item!r}: expected FILE=NAME")
         f, name = item.split("=", 1)
         labels[f] = name
     missing = [f for f in args.files if not Path(f).is_file()]
     if missing:
-        raise SystemExit(f"result file(s) not found: {', '.join(missing)}")
+        raise common.BenchmarkError(f"result file(s) not found: {', '.join(missing)}")
     res = compare(args.files, args.reference, args.out, args.metric, labels, plots=not args.no_plots)
     return 0 if len(res["table"]) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.run_main(lambda: run(argv))
 
 
 if __name__ == "__main__":

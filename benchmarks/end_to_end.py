@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 import torch  # noqa: E402
 
 from benchmarks import common  # noqa: E402
-from fastlesion.config import DataConfig, LoaderConfig, TrainConfig  # noqa: E402
+from fastlesion.config import DataConfig, TrainConfig  # noqa: E402
 from fastlesion.data.loader import build_loader, dali_available  # noqa: E402
 from fastlesion.engine.loop import train_step  # noqa: E402
 from fastlesion.engine.runtime import resolve_runtime  # noqa: E402
@@ -85,7 +85,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def prepare_data(args: argparse.Namespace) -> Path:
     """``--data`` as given, or the synthetic set for ``--n``/``--scale``, generated once into the cache."""
     if args.data:
-        return Path(args.data).expanduser()
+        root = Path(args.data).expanduser()
+        if not root.is_dir():
+            raise common.BenchmarkError(f"--data {args.data}: no such folder")
+        return root
     from fastlesion.data.catalog import cache_dir
     from fastlesion.data.synthetic import generate
 
@@ -116,13 +119,6 @@ def default_backends(device: torch.device) -> tuple[list[str], list[str]]:
     return backends, notes
 
 
-def loader_config(backend: str, args: argparse.Namespace) -> LoaderConfig:
-    if backend == "torch":
-        return LoaderConfig(backend="torch", batch_size=args.batch_size, workers=args.workers, seed=0)
-    return LoaderConfig(backend="dali", device=backend.split("-", 1)[1], batch_size=args.batch_size,
-                        workers=args.workers, seed=0)
-
-
 def endless(loader) -> Iterator[tuple]:
     """Batches of the loader over as many epochs as asked (``set_epoch`` at each new epoch, as training does)."""
     epoch = 0
@@ -151,9 +147,9 @@ def measure_backend(backend: str, table, num_classes: int, rt, args: argparse.Na
                                    repeats=args.repeats)
 
     common.reset_peak_memory(device)
-    loader = build_loader(table, loader_config(backend, args), args.image_size, train=True, device=device,
-                          channels_last=rt.channels_last)
-    backend_name, loader_device = loader.backend, getattr(loader, "device_name", None)
+    loader = build_loader(table, common.loader_config(backend, args.batch_size, args.workers), args.image_size,
+                          train=True, device=device, channels_last=rt.channels_last)
+    backend_name, loader_device = loader.backend, loader.device_name
     it = endless(loader)
     t0 = time.perf_counter()
     for _ in range(args.warmup):
@@ -340,8 +336,9 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.backends:
         backends = common.split_list(args.backends)
         bad = [b for b in backends if b not in BACKENDS]
-        if bad:
-            raise SystemExit(f"--backends: unknown {bad}; choose from {', '.join(BACKENDS)}")
+        if bad or not backends:
+            raise common.BenchmarkError(f"--backends: unknown {bad or args.backends!r}; choose from "
+                                        f"{', '.join(BACKENDS)}")
     else:
         backends, notes = default_backends(device)
         run_notes += notes
@@ -369,7 +366,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.exit_status(run(argv))
+    return common.run_main(lambda: run(argv))
 
 
 if __name__ == "__main__":

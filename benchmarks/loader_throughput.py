@@ -11,7 +11,8 @@ DataLoader workers:
 Each repeat runs one epoch (a new shuffle), drops the first ``--warmup`` batches (pipeline start, worker start,
 first decodes) and times the rest; the reported number is the median over ``--repeats``, the backends interleaved
 so that a busy machine slows them alike. The ratio is to the torch loader measured in the same run.
-Results are printed as a rich table and appended as JSON lines to ``--out`` (with a hardware fingerprint).
+Results are printed as a table and appended as JSON lines to ``--out``: rows like the other benchmarks' (device name,
+hardware fingerprint, settings, CPU use of the process tree while timed), plus the loader's own keys.
 
 Example:
     python benchmarks/loader_throughput.py --threads 2 --out benchmarks/results.jsonl
@@ -20,20 +21,24 @@ Example:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import statistics
 import sys
 import time
-from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
-import torch
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from benchmarks import common  # noqa: E402
 
 SCALES = {"medium": {"size": 600, "large": False}, "large": {"size": None, "large": True},
           "large512": {"size": None, "large": True, "prepare": 512}}
 DEFAULT_N = {"medium": 480, "large": 192, "large512": 192}
+BACKENDS = ("torch", "dali-cpu", "dali-gpu")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -92,148 +97,165 @@ def image_dims(paths: list[str]) -> str:
     return f"{int(w)}x{int(h)}"
 
 
-def make_loader(backend: str, table, cfg, image_size: int):
-    if backend == "torch":
-        from fastlesion.data.torch_loader import TorchLoader
+def make_loader(backend: str, table, cfg, image_size: int, device: torch.device):
+    """The training loader of ``backend`` through :func:`fastlesion.data.loader.build_loader`, as training builds it;
+    batches land on ``device`` for dali-gpu, on the CPU for torch and dali-cpu."""
+    from fastlesion.data.loader import build_loader
 
-        return TorchLoader(table, cfg, image_size, train=True)
-    from fastlesion.data.dali import DaliLoader
-
-    device = backend.split("-")[1]
-    return DaliLoader(table, cfg, image_size, train=True, device="cuda" if device == "gpu" else "cpu",
-                      dali_device=device)
+    return build_loader(table, cfg, image_size, train=True, device=device if backend == "dali-gpu" else "cpu")
 
 
-def _proc_cpu_seconds(pid: int) -> float:
-    """utime + stime of a process from /proc (Linux), 0 when unreadable."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
-        return 0.0
+def time_epoch(loader, epoch: int, warmup: int, device: torch.device) -> tuple[float, int, common.CpuMeter]:
+    """(images/s, images timed, CPU meter of the timed part) of one epoch, after dropping ``warmup`` batches.
 
-
-def cpu_seconds(loader) -> float:
-    """CPU time used so far by this process (all its threads: DALI) plus the DataLoader's worker processes."""
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    total = r.ru_utime + r.ru_stime
-    it = getattr(getattr(loader, "loader", None), "_iterator", None)  # torch: persistent worker processes
-    for w in getattr(it, "_workers", None) or []:
-        total += _proc_cpu_seconds(w.pid)
-    return total
-
-
-def time_epoch(loader, epoch: int, warmup: int) -> tuple[float, int, float]:
-    """(images/s, images timed, CPU ms per image) of one epoch, after dropping ``warmup`` batches."""
+    The meter covers this process tree (DALI threads, DataLoader worker processes), read at the last batch,
+    before the workers go idle.
+    """
     loader.set_epoch(epoch)
-    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
-    images, t0, c0 = 0, None, 0.0
+    meter = common.CpuMeter()
+    images, t0 = 0, None
+
+    def start() -> float:
+        common.sync(device)
+        meter.start()
+        return time.perf_counter()
+
+    if warmup == 0:
+        t0 = start()
     for i, (x, _, _) in enumerate(loader):
         if i + 1 == warmup:
-            sync()
-            t0, c0 = time.perf_counter(), cpu_seconds(loader)
+            t0 = start()
         elif i + 1 > warmup:
             images += x.shape[0]
-    sync()
+    common.sync(device)
+    elapsed = time.perf_counter() - t0 if t0 is not None else 0.0
+    meter.stop()
     if t0 is None or images == 0:
-        raise SystemExit(f"epoch of {len(loader)} batches is too short for --warmup {warmup}: raise --n")
-    # the torch workers' share of the last batches is read before they go idle: close enough for a per-image cost
-    return images / (time.perf_counter() - t0), images, 1000 * (cpu_seconds(loader) - c0) / images
+        raise common.BenchmarkError(f"an epoch of {len(loader)} batches is too short for --warmup {warmup}: "
+                                    "raise --n or lower --warmup")
+    return images / elapsed, images, meter
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from rich.console import Console
-    from rich.table import Table
+def _median(values: list[Any]) -> Any:
+    """Median of the values that are not None (None when there are none)."""
+    present = [v for v in values if v is not None]
+    return round(statistics.median(present), 1) if present else None
 
-    from fastlesion.config import LoaderConfig
-    from fastlesion.data import dali as dali_module
-    from fastlesion.data.catalog import cache_dir
+
+def resolve_backends(text: str, device: torch.device) -> tuple[list[str], list[str]]:
+    """The backends asked for that can run here (torch always: the ratio needs it), and notes on the rest."""
     from fastlesion.data.loader import dali_available
-    from fastlesion.hardware import fingerprint
 
-    console = Console(width=None if sys.stdout.isatty() else 150)
-    cache = Path(args.cache).expanduser() if args.cache else cache_dir() / "bench"
-    scales = [s.strip() for s in args.scales.split(",") if s.strip()]
-    for s in scales:
-        if s not in SCALES:
-            raise SystemExit(f"--scales: unknown scale {s!r} (choose from {', '.join(SCALES)})")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    if not dali_available():
-        console.print("[yellow]NVIDIA DALI is not installed: only the torch loader is measured[/]")
+    backends = common.split_list(text)
+    bad = [b for b in backends if b not in BACKENDS]
+    if bad or not backends:
+        raise common.BenchmarkError(f"--backends: unknown {bad or text!r}; choose from {', '.join(BACKENDS)}")
+    notes = []
+    if not dali_available() and any(b.startswith("dali") for b in backends):
+        notes.append("NVIDIA DALI is not installed: only the torch loader is measured")
         backends = [b for b in backends if not b.startswith("dali")]
-    if "dali-gpu" in backends and not torch.cuda.is_available():
+    if "dali-gpu" in backends and device.type != "cuda":
+        notes.append("dali-gpu left out: no GPU")
         backends.remove("dali-gpu")
     if "torch" not in backends:
         backends.insert(0, "torch")  # the ratio needs it
-    dali_module.FAST_IDCT_TRAIN = not args.no_fast_idct
-    fp = fingerprint()
-    device_label = torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu: {fp.get('cpu_model')}"
-    torch.set_num_threads(max(1, args.threads))
-    cfg = LoaderConfig(batch_size=args.batch_size, workers=args.threads, seed=args.seed)
+    return backends, notes
 
-    table = Table(title=f"loader throughput: train pipeline, {args.image_size}px, batch {args.batch_size}, "
-                        f"{args.threads} threads/workers, median of {args.repeats}")
-    numeric = ("threads", "images/s", "range", "vs torch", "CPU ms/img")
-    for col in ("scale", "images", "backend", "device", *numeric):
-        table.add_column(col, justify="right" if col in numeric else "left")
-    records = []
+
+def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    """Run the benchmark; return the rows (also appended to ``--out``)."""
+    args = parse_args(argv)
+    from fastlesion.data.catalog import cache_dir
+
+    cache = Path(args.cache).expanduser() if args.cache else cache_dir() / "bench"
+    scales = common.split_list(args.scales)
+    bad = [s for s in scales if s not in SCALES]
+    if bad or not scales:
+        raise common.BenchmarkError(f"--scales: unknown scale {bad[0] if bad else args.scales!r} "
+                                    f"(choose from {', '.join(SCALES)})")
+    device = common.resolve_device("auto")
+    backends, run_notes = resolve_backends(args.backends, device)
+    if device.type == "cpu":
+        run_notes.append("no GPU: CPU rows")
+    torch.set_num_threads(max(1, args.threads))
+    fast_idct = not args.no_fast_idct
+    configs = {b: common.loader_config(b, args.batch_size, args.threads, args.seed, fast_idct=fast_idct)
+               for b in backends}
+    settings = dict(vars(args))
+    settings.update(device_resolved=str(device), backends_resolved=backends, scales_resolved=scales,
+                    argv=sys.argv[1:] if argv is None else argv)
+    command = " ".join(["python", "benchmarks/loader_throughput.py", *(argv or sys.argv[1:])])
+    rows: list[dict[str, Any]] = []
     for scale in scales:
         n = args.n or DEFAULT_N[scale]
         data = dataset(scale, n, args.seed, cache, args.threads)
         dims = image_dims(data["path"].tolist())
-        loaders = {b: make_loader(b, data, cfg, args.image_size) for b in backends}
+        loaders = {b: make_loader(b, data, configs[b], args.image_size, device) for b in backends}
         runs: dict[str, list[float]] = {b: [] for b in backends}
         cpu_ms: dict[str, list[float]] = {b: [] for b in backends}
+        cpu: dict[str, list[dict[str, Any]]] = {b: [] for b in backends}
         timed: dict[str, int] = {}
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
         for b in backends:
             for e in range(args.warmup_epochs):
+                loaders[b].set_epoch(1000 + e)
                 for _ in loaders[b]:
                     pass
-                loaders[b].set_epoch(1000 + e)
         for r in range(args.repeats):
             for b in backends:  # interleaved: background load slows every backend alike
-                ips, timed[b], cms = time_epoch(loaders[b], r, args.warmup)
+                ips, timed[b], meter = time_epoch(loaders[b], r, args.warmup, device)
                 runs[b].append(ips)
-                cpu_ms[b].append(cms)
-                console.print(f"  {scale} {b} repeat {r + 1}/{args.repeats}: {ips:.1f} images/s, "
-                              f"{cms:.1f} CPU ms/image", style="dim")
+                cpu_ms[b].append(1000 * meter.cpu_seconds / timed[b])
+                cpu[b].append(meter.result)
+                print(f"  {scale} {b} repeat {r + 1}/{args.repeats}: {ips:.1f} images/s, "
+                      f"{cpu_ms[b][-1]:.1f} CPU ms/image", flush=True)
+        kinds = {b: (loaders[b].backend, loaders[b].device_name) for b in backends}
         del loaders
         base = statistics.median(runs["torch"])
+        scale_rows = []
         for b in backends:
             med = statistics.median(runs[b])
-            ratio = med / base
-            name, device = ("torch", "cpu") if b == "torch" else ("dali", b.split("-")[1])
-            table.add_row(scale, f"{dims} x{n}", name, device, str(args.threads), f"{med:.1f}",
-                          f"{min(runs[b]):.1f}-{max(runs[b]):.1f}", f"{ratio:.2f}x",
-                          f"{statistics.median(cpu_ms[b]):.1f}")
-            records.append({
-                "bench": "loader_throughput", "model": "loader", "mode": b, "device_name": device_label,
-                "backend": name, "device": device, "image_scale": scale, "image_dims": dims, "threads": args.threads,
+            name, loader_device = kinds[b]
+            scale_rows.append({
+                **common.base_row("loader_throughput", device, settings),
+                "model": "loader", "mode": b, "backend": name,
+                "device": loader_device,  # where the loader decodes (cpu / gpu), not the torch device
+                "image_scale": scale, "image_dims": dims, "threads": args.threads,
                 "batch_size": args.batch_size, "image_size": args.image_size, "images_per_s": round(med, 2),
-                "runs_images_per_s": [round(v, 2) for v in runs[b]], "ratio_vs_torch": round(ratio, 3),
+                "runs_images_per_s": [round(v, 2) for v in runs[b]], "ratio_vs_torch": round(med / base, 3),
                 "repeats": args.repeats, "warmup_batches": args.warmup,
                 "warmup_epochs": args.warmup_epochs, "timed_images_per_repeat": timed[b],
                 "cpu_ms_per_image": round(statistics.median(cpu_ms[b]), 2), "load_avg_1m_before": load,
-                "n_images": n, "fast_idct": (not args.no_fast_idct) if name == "dali" else None,
-                "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "command": " ".join(["python", "benchmarks/loader_throughput.py", *(argv or sys.argv[1:])]),
-                "fingerprint": fp,
+                "n_images": n, "fast_idct": configs[b].fast_idct if name == "dali" else None,
+                "cpu_util_percent": _median([c["cpu_util_percent"] for c in cpu[b]]),
+                "proc_cpu_percent": _median([c["proc_cpu_percent"] for c in cpu[b]]),
+                "cpu_cores": cpu[b][0]["cpu_cores"],
+                "command": command, "status": "ok", "error": None, "notes": "; ".join(run_notes),
             })
-    console.print(table)
-    gpu = fp.get("gpu_name") or "no GPU"
-    console.print(f"machine: {fp.get('cpu_model')}, {fp.get('cpu_cores_logical')} cores, {fp.get('ram_gb')} GB RAM, "
-                  f"{gpu}; torch {fp.get('torch')}, DALI {fp.get('dali')}")
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "a") as f:
-            for rec in records:
-                f.write(json.dumps(rec, default=str) + "\n")
-        console.print(f"appended {len(records)} JSON lines to {out}")
-    return 0
+        common.append_jsonl(args.out, scale_rows)
+        rows += scale_rows
+    _print_results(rows, args)
+    common.print_notes(run_notes, rows, args.out)
+    return rows
+
+
+def _print_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    table = [[r["image_scale"], f"{r['image_dims']} x{r['n_images']}", r["backend"], r["device"], r["threads"],
+              f"{r['images_per_s']:.1f}", f"{min(r['runs_images_per_s']):.1f}-{max(r['runs_images_per_s']):.1f}",
+              f"{r['ratio_vs_torch']:.2f}x", f"{r['cpu_ms_per_image']:.1f}",
+              "-" if r["proc_cpu_percent"] is None else f"{r['proc_cpu_percent']:.1f}"] for r in rows]
+    common.print_table(f"loader throughput: train pipeline, {args.image_size}px, batch {args.batch_size}, "
+                       f"{args.threads} threads/workers, median of {args.repeats}",
+                       ["scale", "images", "backend", "device", "threads", "images/s", "range", "vs torch",
+                        "CPU ms/img", "proc CPU %"], table)
+    if rows:
+        fp = rows[0]["fingerprint"]
+        print(f"machine: {rows[0]['machine']}, {fp.get('ram_gb')} GB RAM; torch {fp.get('torch')}, "
+              f"DALI {fp.get('dali')}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    return common.run_main(lambda: run(argv))
 
 
 if __name__ == "__main__":

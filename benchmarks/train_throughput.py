@@ -170,29 +170,34 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.no_compile_cache:
         common.disable_compile_caches()
     device = common.resolve_device(args.device)
-    common.setup_backends(device)
     run_notes: list[str] = []
     if args.modes is None:
         modes, mode_notes = default_modes(device)
         run_notes += mode_notes
     else:
         modes = common.split_list(args.modes)
+        if not modes:
+            raise common.BenchmarkError(f"--modes: no mode given in {args.modes!r}")
         for m in modes:
             try:
                 common.parse_mode(m)
             except ValueError as e:
-                raise SystemExit(str(e)) from None
+                raise common.BenchmarkError(f"--modes: {e}") from None
     if device.type == "cpu":
         run_notes.append("no GPU: CPU rows; peak_mem_mb is the process's peak RSS")
     models = common.split_list(args.models)
+    if not models:
+        raise common.BenchmarkError(f"--models: no model given in {args.models!r}")
+    image_sizes = common.int_list(args.image_sizes, "--image-sizes")
+    batch_sizes = common.int_list(args.batch_sizes, "--batch-sizes")
     compile_models = set(common.split_list(args.compile_models)) if args.compile_models else None
     settings = {k: v for k, v in vars(args).items()}
     settings.update(device_resolved=str(device), modes_resolved=modes, argv=sys.argv[1:] if argv is None else argv)
     rows: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for name in models:
-        for size in common.int_list(args.image_sizes):
-            for batch in common.int_list(args.batch_sizes):
+        for size in image_sizes:
+            for batch in batch_sizes:
                 for mode in modes:
                     if mode.startswith("compile") and compile_models is not None and name not in compile_models:
                         continue
@@ -213,7 +218,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.exit_status(run(argv))
+    return common.run_main(lambda: run(argv))
 
 
 if __name__ == "__main__":

@@ -280,3 +280,121 @@ def test_compare_two_machines(tmp_path):
         assert res["reference"] == gpu_m
     with pytest.raises(SystemExit, match="matches no machine"):
         compare.compare([str(a), str(b)], reference="H100", out=tmp_path / "cmp3", plots=False)
+
+
+# ------------------------------------------------------------------------------------------------ one way to measure
+CPU_METER_KEYS = {"cpu_util_percent", "proc_cpu_percent", "cpu_cores"}
+
+
+def test_build_training_wraps_with_trainings_wrap_model(monkeypatch):
+    from fastlesion.engine import runtime
+
+    calls = []
+
+    def spy(raw, rt, ddp=False):
+        calls.append((rt, ddp))
+        return runtime.wrap_model(raw, rt, ddp)
+
+    monkeypatch.setattr(common, "wrap_model", spy)
+    rt = common.make_runtime(torch.device("cpu"), False, "fp32", True)
+    s = common.build_training("lenet", 2, rt)
+    assert calls == [(rt, False)]
+    assert s.model is s.raw and s.raw.training  # eager: the step calls the raw module, in train mode
+    assert next(s.raw.parameters()).device.type == "cpu"
+    assert not hasattr(common, "setup_backends")  # the backend switches live in Runtime.set_backends only
+
+
+def test_benchmark_error_is_a_fastlesion_error_and_a_system_exit():
+    from fastlesion.errors import FastlesionError
+
+    e = common.BenchmarkError("--modes: bad")
+    assert isinstance(e, FastlesionError) and isinstance(e, SystemExit)
+    assert e.code == "--modes: bad" and str(e) == "--modes: bad"
+
+
+def test_loader_throughput_rows_like_the_others_and_no_fast_idct(tmp_path, one_thread, monkeypatch):
+    from fastlesion.data.loader import dali_available
+
+    configs = []
+    make_loader = loader_throughput.make_loader
+
+    def spy(backend, table, cfg, image_size, device):
+        configs.append((backend, cfg))
+        return make_loader(backend, table, cfg, image_size, device)
+
+    monkeypatch.setattr(loader_throughput, "make_loader", spy)
+    out = tmp_path / "loader.jsonl"
+    backends = ["torch"] + (["dali-cpu"] if dali_available() else [])
+    argv = ["--scales", "medium", "--n", "12", "--threads", "1", "--batch-size", "4", "--image-size", "32",
+            "--repeats", "1", "--warmup", "1", "--warmup-epochs", "0", "--backends", ",".join(backends),
+            "--cache", str(tmp_path / "cache"), "--no-fast-idct", "--out", str(out)]
+    assert loader_throughput.main(argv) == 0
+    rows = read_rows(out)
+    assert [r["mode"] for r in rows] == backends
+    assert [b for b, _ in configs] == backends and all(cfg.fast_idct is False for _, cfg in configs)
+    for r in rows:
+        assert set(common.REQUIRED_KEYS) | CPU_METER_KEYS <= set(r), set(common.REQUIRED_KEYS) - set(r)
+        assert {"bench", "timestamp", "machine", "fingerprint", "settings", "status"} <= set(r)
+        assert r["bench"] == "loader_throughput" and r["status"] == "ok" and r["error"] is None
+        assert r["proc_cpu_percent"] > 0 and r["cpu_cores"] >= 1 and r["cpu_ms_per_image"] > 0
+        assert r["timed_images_per_repeat"] == 8  # 12 images, 1 batch of 4 dropped
+        assert r["device_name"] == common.base_row("x", common.resolve_device("auto"), {})["device_name"]
+        assert r["settings"]["no_fast_idct"] is True
+        assert r["fast_idct"] is (False if r["backend"] == "dali" else None)
+    assert rows[0]["backend"] == "torch" and rows[0]["device"] == "cpu"
+    if len(rows) == 2:
+        assert rows[1]["backend"] == "dali" and rows[1]["device"] == "cpu"
+
+
+def test_loader_config_carries_fast_idct():
+    assert common.loader_config("dali-cpu", 4, 1, fast_idct=False).fast_idct is False
+    cfg = common.loader_config("dali-gpu", 4, 2)
+    assert (cfg.backend, cfg.device, cfg.batch_size, cfg.workers, cfg.fast_idct) == ("dali", "gpu", 4, 2, True)
+    assert common.loader_config("torch", 4, 1).backend == "torch"
+
+
+BAD_FLAGS = [
+    (train_throughput, ["--quick", "--modes", "eager-fp64-nchw"], "fp64"),
+    (train_throughput, ["--quick", "--batch-sizes", "four"], "--batch-sizes"),
+    (end_to_end, ["--quick", "--backends", "torch,bogus"], "bogus"),
+    (end_to_end, ["--quick", "--backends", "torch", "--data", "/nonexistent/isic"], "/nonexistent/isic"),
+    (loader_throughput, ["--scales", "huge"], "huge"),
+    (loader_throughput, ["--backends", "torch,dali-tpu"], "dali-tpu"),
+    (compare, ["/nonexistent/results.jsonl"], "not found"),
+    (compare, ["/nonexistent/results.jsonl", "--label", "oops"], "FILE=NAME"),
+]
+
+
+@pytest.mark.parametrize("script,argv,needle", BAD_FLAGS,
+                         ids=[f"{s.__name__.split('.')[-1]}:{a[-1]}" for s, a, _ in BAD_FLAGS])
+def test_bad_flag_value_is_one_error_line_and_status_2(script, argv, needle, tmp_path, capsys):
+    assert script.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0], err
+
+
+@pytest.mark.parametrize("script", [train_throughput, end_to_end])
+def test_device_cuda_without_cuda_is_one_error_line(script, capsys):
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    assert script.main(["--quick", "--device", "cuda"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "CUDA" in err[0], err
+
+
+def test_compare_bad_metric_is_one_error_line(tmp_path, capsys):
+    f = tmp_path / "r.jsonl"
+    common.append_jsonl(f, _row("resnet18", "eager-fp32-nchw", 10.0, {"hostname": "box"}, "cpu: X"))
+    assert compare.main([str(f), "--metric", "images_per_fortnight", "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "images_per_fortnight" in err[0], err
+
+
+def test_loader_throughput_as_a_script_fails_with_one_error_line(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "loader_throughput.py"
+    res = subprocess.run([sys.executable, str(script), "--scales", "huge"], capture_output=True, text=True,
+                         timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == [res.stderr.strip()] and res.stderr.startswith("error: --scales")
