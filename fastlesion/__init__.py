@@ -6,9 +6,9 @@ lazily where they are used.
 
 __version__ = "0.1.0"
 
-from fastlesion.config import Config, load_config  # noqa: E402
+from fastlesion.config import Config, load_config, replace  # noqa: E402
 
-__all__ = ["Config", "load_config", "train", "__version__"]
+__all__ = ["Config", "load_config", "replace", "train", "__version__"]
 
 
 def __getattr__(name: str):

@@ -21,7 +21,7 @@ import importlib.util
 import logging
 import platform
 import warnings
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import numpy as np
 import pandas as pd
@@ -33,6 +33,7 @@ from fastlesion.data import sampling
 log = logging.getLogger(__name__)
 
 
+@runtime_checkable
 class Loader(Protocol):
     """What the engine, the benchmarks and the tests use of a loader (see the module docstring)."""
 
