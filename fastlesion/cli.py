@@ -1,15 +1,18 @@
 """``fastlesion`` command line: parses into the config and calls library functions, nothing more.
 
 Any option of the config can be set with a dotted flag (``--optim.lr 3e-4`` or ``--optim.lr=3e-4``); the named
-flags (``--model``, ``--data``, ``--epochs`` ...) are shortcuts for the common ones. User errors print one line
-(``error: ...``) and exit with status 2.
+flags (``--model``, ``--data``, ``--epochs`` ...) are shortcuts for the common ones. User errors (a bad value, a
+missing file) and failures of the machine (a read-only or full disk, a permission) print one line (``error: ...``)
+and exit with status 2; anything else is a bug: its traceback, a line asking to report it, exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
@@ -176,8 +179,12 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
     from fastlesion.engine.inference import predict
 
-    df = predict(args.checkpoint, args.data, args.out, tta=args.tta, overrides=_dotted(extra))
+    df = predict(args.checkpoint, args.data, args.out, tta=args.tta, overrides=_dotted(extra), skip_bad=args.skip_bad,
+                 progress=sys.stderr.isatty())
     print(f"wrote {len(df)} predictions to {args.out}")
+    if args.skip_bad:
+        n = len(df.attrs["skipped"])
+        print(f"skipped {n} unreadable image{'' if n == 1 else 's'} (listed in {df.attrs['skipped_file']})")
     return 0
 
 
@@ -272,6 +279,9 @@ def make_parser() -> argparse.ArgumentParser:
     pr.add_argument("--data", required=True, metavar="ROOT", help="ISIC root with test.csv, or a folder of images")
     pr.add_argument("--out", default="submission.csv")
     pr.add_argument("--tta", action="store_true", help="average over flips")
+    pr.add_argument("--skip-bad", action="store_true",
+                    help="check every image first and leave the unreadable ones out (listed with the reason in "
+                         "<out stem>.skipped.csv) instead of stopping at the first")
     pr.set_defaults(fn=cmd_predict)
 
     co = sub.add_parser("compare", help="compare run folders: table, CSV, Markdown and plot")
@@ -286,9 +296,43 @@ def make_parser() -> argparse.ArgumentParser:
     return p
 
 
+def os_error_line(e: OSError) -> str:
+    """One line for an OSError of the machine: ``runs/x/metrics.csv: Read-only file system`` (the path(s) and the
+    reason); without a path (a write to an open file), the reason and its errno name: ``No space left on device
+    (ENOSPC)``."""
+    reason = e.strerror or (str(e.args[-1]) if e.args else "") or type(e).__name__
+    paths = [str(p) for p in (e.filename, e.filename2) if p is not None]
+    if paths:
+        return f"{' -> '.join(paths)}: {reason}"
+    name = errno.errorcode.get(e.errno) if isinstance(e.errno, int) else None
+    return f"{reason} ({name})" if name and name not in reason else reason
+
+
+MACHINE_ERRNOS = frozenset(getattr(errno, n) for n in ("ENOSPC", "EDQUOT", "EROFS", "EIO", "EFBIG")
+                           if hasattr(errno, n))
+"""errnos that are the machine's failure wherever they surface (a full or read-only disk, an I/O error)."""
+
+
+def _machine_failure(e: BaseException) -> OSError | None:
+    """The OSError of a full or read-only disk that ``e`` was raised while handling, if any: torch.save turns a
+    full disk into ``RuntimeError: ... unexpected pos``, with the OSError as its context."""
+    seen: set[int] = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, OSError) and cur.errno in MACHINE_ERRNOS:
+            return cur
+        # as a traceback shows the chain: the explicit cause, else the context unless `from None` hid it
+        cur = cur.__cause__ if cur.__cause__ is not None else None if cur.__suppress_context__ else cur.__context__
+    return None
+
+
 def run_command(fn: Callable[[], int], verbose: bool = False) -> int:
-    """Run a command body as every fastlesion script does: logging set up, a user error as one ``error:`` line and
-    exit status 2 (no traceback), Ctrl-C as exit status 130."""
+    """Run a command body as every fastlesion script does: logging set up; a user error (:class:`FastlesionError`)
+    or an OSError of the machine (permission, read-only or full disk, ...: any OSError carrying an errno, or another
+    exception raised while handling a full or read-only disk) as one ``error:`` line and exit status 2, no traceback
+    (``verbose`` adds it for an OSError); Ctrl-C as exit status 130; anything else is a bug: its traceback, then one
+    line asking to report it, exit status 1."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:
         return fn()
@@ -298,6 +342,29 @@ def run_command(fn: Callable[[], int], verbose: bool = False) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except OSError as e:
+        if e.errno is None:  # an OSError raised by a library without an errno is no failure of the machine
+            return _bug()
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {os_error_line(e)}", file=sys.stderr)
+        return 2
+    except Exception as e:  # noqa: BLE001 - the last resort: say it is a bug and how to report it
+        cause = _machine_failure(e)
+        if cause is None:
+            return _bug()
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {os_error_line(cause)}", file=sys.stderr)
+        return 2
+
+
+def _bug() -> int:
+    """The traceback of the exception being handled and one line asking to report it; exit status 1."""
+    traceback.print_exc()
+    version = __import__("fastlesion").__version__
+    print(f"fastlesion {version}: this is a bug; please report it with the traceback above", file=sys.stderr)
+    return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,10 @@
 """Typed configuration: dataclass sections, YAML files and dotted overrides (``--optim.lr 3e-4``).
 
 Every field carries a docstring-style comment (the ``help`` metadata) that ``fastlesion config`` prints and the
-README reference is generated from. Unknown keys and wrong types are :class:`ConfigError` naming the key.
+README reference is generated from. Unknown keys, wrong types and values out of range (``optim.ema_decay`` 5, a
+probability above 1, NaN or infinity in any number) are a :class:`ConfigError` naming the key: each section's
+``__post_init__`` checks its values, so a YAML file, ``load_config``, ``replace`` and ``fastlesion config`` all refuse
+what training would.
 
 Example:
     >>> cfg = load_config(None, ["optim.lr=3e-4", "model.name=resnet18"])
@@ -12,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -51,9 +55,10 @@ class DataConfig:
     group_col: str | None = _f(None, "csv kind: column holding the group (patient id) used for grouped splits")
     synthetic_n: int = _f(800, "synthetic kind: number of images generated on first use")
     synthetic_layout: str = _f("isic2020", "synthetic kind: layout generated (isic2020 | ham10000)")
-    synthetic_size: int = _f(160, "synthetic kind: width in pixels of the generated images")
+    synthetic_size: int = _f(160, "synthetic kind: width in pixels of the generated images (>= 21)")
     synthetic_seed: int = _f(0, "synthetic kind: generator seed")
-    synthetic_positive_rate: float = _f(0.2, "synthetic kind: malignant fraction (20 %: ~30 per validation fold)")
+    synthetic_positive_rate: float = _f(0.2, "synthetic kind: malignant fraction in (0, 1) (20 %: ~30 per "
+                                        "validation fold)")
     num_folds: int = _f(5, "number of stratified group k-fold folds")
     fold: int = _f(0, "validation fold trained against (0 .. num_folds-1)")
     holdout: float = _f(0.0, "fraction of groups held out as a test split before the folds (0 = none)")
@@ -64,16 +69,25 @@ class DataConfig:
     limit: int | None = _f(None, "use only the first N rows of the table (quick experiments)")
 
     def __post_init__(self) -> None:
+        _finite_fields(self, "data")
         if self.dataset not in DATASET_KINDS:
             raise ConfigError(f"data.dataset: unknown dataset kind {self.dataset!r}; choose one of {DATASET_KINDS}")
+        _choice("data.synthetic_layout", self.synthetic_layout, ("isic2020", "ham10000"))
+        _at_least("data.synthetic_n", self.synthetic_n, 1)
+        _at_least("data.synthetic_size", self.synthetic_size, SYNTHETIC_MIN_WIDTH,
+                  why=" (the generator draws images of at least 16 x 16 px, height = 3/4 of the width)")
+        _at_least("data.synthetic_seed", self.synthetic_seed, 0)
+        _in_range("data.synthetic_positive_rate", self.synthetic_positive_rate, 0, 1, lo_open=True, hi_open=True)
         if self.num_folds < 2:
             raise ConfigError(f"data.num_folds must be >= 2, got {self.num_folds}")
         if not 0 <= self.fold < self.num_folds:
             raise ConfigError(f"data.fold must be in 0..{self.num_folds - 1}, got {self.fold}")
         if not 0.0 <= self.holdout < 1.0:
             raise ConfigError(f"data.holdout must be in [0, 1), got {self.holdout}")
+        _in_range("data.split_seed", self.split_seed, 0, 2**32 - 1)
         if self.image_size < 8:
             raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
+        _at_least("data.limit", self.limit, 1, optional=True)
 
 
 @dataclass
@@ -105,17 +119,29 @@ class LoaderConfig:
                          "one grey level of error); evaluation always uses the accurate IDCT")
 
     def __post_init__(self) -> None:
+        _finite_fields(self, "loader")
         _choice("loader.backend", self.backend, ("auto", "dali", "torch"))
         _choice("loader.device", self.device, ("auto", "gpu", "cpu"))
         _choice("loader.dtype", self.dtype, ("float32", "float16", "bfloat16"))
         if self.batch_size < 1:
             raise ConfigError(f"loader.batch_size must be >= 1, got {self.batch_size}")
+        _at_least("loader.eval_batch_size", self.eval_batch_size, 1, optional=True)
         if self.workers < 0:
             raise ConfigError(f"loader.workers must be >= 0, got {self.workers}")
         if not (0 < self.scale[0] <= self.scale[1] <= 1.0):
             raise ConfigError(f"loader.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
+        if not (0 < self.ratio[0] <= self.ratio[1]):
+            raise ConfigError(f"loader.ratio must satisfy 0 < min <= max, got {self.ratio}")
+        for key in ("hflip", "vflip"):
+            _in_range(f"loader.{key}", getattr(self, key), 0, 1)
+        _in_range("loader.rotate", self.rotate, 0, 180)
+        for key in ("brightness", "contrast", "saturation", "aug_strength", "oversample_power"):
+            _at_least(f"loader.{key}", getattr(self, key), 0)
+        _in_range("loader.hue", self.hue, 0, 0.5)
         if not 0 < self.eval_crop <= 1:
             raise ConfigError(f"loader.eval_crop must be in (0, 1], got {self.eval_crop}")
+        _at_least("loader.seed", self.seed, 0)
+        _at_least("loader.prefetch", self.prefetch, 1)
 
 
 @dataclass
@@ -126,6 +152,11 @@ class ModelConfig:
     pretrained_path: str | None = _f(None, "local weights file (state_dict or checkpoint); nothing is downloaded")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     drop_path_rate: float = _f(0.0, "stochastic depth rate (timm models that support it)")
+
+    def __post_init__(self) -> None:
+        _finite_fields(self, "model")
+        _in_range("model.drop_rate", self.drop_rate, 0, 1, hi_open=True)
+        _in_range("model.drop_path_rate", self.drop_path_rate, 0, 1, hi_open=True)
 
 
 @dataclass
@@ -151,16 +182,30 @@ class OptimConfig:
     label_smoothing: float = _f(0.0, "label smoothing (ce and weighted_ce)")
     focal_gamma: float = _f(2.0, "focal loss gamma")
     ema: bool = _f(False, "keep an exponential moving average of the weights and validate it")
-    ema_decay: float = _f(0.999, "EMA decay per optimizer step")
+    ema_decay: float = _f(0.999, "EMA decay per optimizer step, in [0, 1)")
 
     def __post_init__(self) -> None:
+        _finite_fields(self, "optim")
         _choice("optim.name", self.name, ("sgd", "adam", "adamw", "rmsprop"))
         _choice("optim.scheduler", self.scheduler, ("cosine", "onecycle", "step", "plateau", "constant"))
         _choice("optim.loss", self.loss, ("ce", "weighted_ce", "focal"))
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        _at_least("optim.weight_decay", self.weight_decay, 0)
+        _in_range("optim.momentum", self.momentum, 0, 1, hi_open=True)
+        for i, beta in enumerate(self.betas):
+            _in_range(f"optim.betas[{i}]", beta, 0, 1, hi_open=True)
+        _at_least("optim.warmup_epochs", self.warmup_epochs, 0)
+        _in_range("optim.min_lr_ratio", self.min_lr_ratio, 0, 1)
+        _at_least("optim.step_epochs", self.step_epochs, 1)
+        _in_range("optim.gamma", self.gamma, 0, 1, lo_open=True)
+        _at_least("optim.plateau_patience", self.plateau_patience, 0)
         if self.grad_accum < 1:
             raise ConfigError(f"optim.grad_accum must be >= 1, got {self.grad_accum}")
+        _at_least("optim.clip_grad", self.clip_grad, 0, strict=True, optional=True)
+        _in_range("optim.label_smoothing", self.label_smoothing, 0, 1, hi_open=True)
+        _at_least("optim.focal_gamma", self.focal_gamma, 0)
+        _in_range("optim.ema_decay", self.ema_decay, 0, 1, hi_open=True)
 
 
 @dataclass
@@ -180,7 +225,7 @@ class TrainConfig:
     early_stop_mode: str = _f("auto", "auto (min for val_loss, else max) | max | min for early_stop_metric")
     patience: int = _f(5, "epochs without improvement before stopping (0 = never stop early)")
     ddp: int = _f(0, "local worker processes to start (0/1 = single process); torchrun sets its own")
-    steps_per_epoch: int | None = _f(None, "cap on training steps per epoch (quick experiments)")
+    steps_per_epoch: int | None = _f(None, "cap on training steps per epoch, >= 1 (quick experiments)")
 
     def __post_init__(self) -> None:
         _choice("train.device", self.device, ("auto", "cuda", "cpu"))
@@ -191,8 +236,10 @@ class TrainConfig:
         _choice("train.early_stop_metric", self.early_stop_metric, EARLY_STOP_METRICS)
         if self.epochs < 1:
             raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
+        _at_least("train.patience", self.patience, 0)
         if self.ddp < 0:
             raise ConfigError(f"train.ddp must be >= 0 (0/1 = single process), got {self.ddp}")
+        _at_least("train.steps_per_epoch", self.steps_per_epoch, 1, optional=True)
 
 
 @dataclass
@@ -224,6 +271,55 @@ SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}: {value!r} is not one of {choices}")
+
+
+# --------------------------------------------------------------------------------------------------- range checks
+SYNTHETIC_MIN_WIDTH = 21
+"""Smallest ``data.synthetic_size``: the generator's images are at least 16 x 16 px and 3/4 as high as wide."""
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _num(x: float) -> str:
+    """A bound as written: ``0``, ``0.5``, ``4294967295``."""
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def _finite_fields(section: Any, name: str) -> None:
+    """NaN and infinity are refused in every float field (and float pair) of a section, naming the key."""
+    for f in dataclasses.fields(section):
+        value = getattr(section, f.name)
+        values = value if isinstance(value, tuple) else (value,)
+        for i, v in enumerate(values):
+            if isinstance(v, float) and not math.isfinite(v):
+                key = f"{name}.{f.name}" + (f"[{i}]" if isinstance(value, tuple) else "")
+                raise ConfigError(f"{key} must be a finite number, got {v}")
+
+
+def _at_least(key: str, value: Any, low: float, *, strict: bool = False, optional: bool = False,
+              why: str = "") -> None:
+    """``value >= low`` (``> low`` when ``strict``); None passes when ``optional``."""
+    if value is None and optional:
+        return
+    if not _is_number(value):
+        return  # a wrong type is _coerce's message; a section built in code with one fails where it is used
+    if value < low or (strict and value == low):
+        raise ConfigError(f"{key} must be {'>' if strict else '>='} {_num(low)}{' (or None)' if optional else ''}"
+                          f"{why}, got {value}")
+
+
+def _in_range(key: str, value: Any, low: float, high: float, *, lo_open: bool = False,
+              hi_open: bool = False) -> None:
+    """``value`` in the interval ``[low, high]``, an end excluded with ``lo_open`` / ``hi_open``."""
+    if not _is_number(value):
+        return
+    above = value > low if lo_open else value >= low
+    below = value < high if hi_open else value <= high
+    if not (above and below):
+        interval = f"{'(' if lo_open else '['}{_num(low)}, {_num(high)}{')' if hi_open else ']'}"
+        raise ConfigError(f"{key} must be in {interval}, got {value}")
 
 
 # --------------------------------------------------------------------------------------------------- coercion

@@ -10,7 +10,9 @@ Examples::
     python tune/asha.py --resume runs/tune-20250101-120000/asha
 
 User errors print one line (``error: ...``) and exit with status 2; an interrupted search exits with 130 and
-tells how to resume it.
+tells how to resume it. ``--resume`` unpickles Ray Tune's experiment state (``tuner.pkl``), which can run any code:
+resume only experiment folders you trust (your own). A local Ray left running by a search killed with ``kill -9`` is
+stopped by the next search's start (:func:`fastlesion.tune.resources.stop_leftover_rays`).
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ def make_parser() -> argparse.ArgumentParser:
     o.add_argument("--out", dest="tune_out", metavar="DIR",
                    help="experiment storage folder (default: runs/tune-<time>)")
     o.add_argument("--name", default="asha", help="experiment name: results go to <out>/<name> (asha)")
-    o.add_argument("--resume", metavar="DIR", help="continue an interrupted experiment (<out>/<name>)")
+    o.add_argument("--resume", metavar="DIR",
+                   help="continue an interrupted experiment (<out>/<name>). This unpickles Ray Tune's tuner.pkl, "
+                        "which can run arbitrary code: resume only experiment folders you trust")
     o.add_argument("--ray-verbose", type=int, choices=(0, 1, 2), default=0,
                    help="Ray's own console output: 0 = a line per trial epoch (default), 1 = Ray's status tables, "
                         "2 = everything Ray prints")

@@ -35,7 +35,15 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     """Write to ``path.tmp`` then rename: a crash mid-write never leaves a half checkpoint under ``path``."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
+    try:
+        with open(tmp, "wb") as f:  # a Python file, so that a full disk surfaces as the OSError behind torch's error
+            torch.save(obj, f)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else e.__context__
+        if isinstance(cause, OSError) and cause.errno is not None and cause.filename is None:
+            raise OSError(cause.errno, cause.strerror, str(tmp)) from e  # one line naming the file (cli.run_command)
+        raise
     os.replace(tmp, path)
 
 

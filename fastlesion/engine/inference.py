@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,9 @@ from fastlesion.data.splits import split_dataset
 from fastlesion.engine import checkpoint as ckpt
 from fastlesion.engine.loop import evaluate
 from fastlesion.engine.runtime import Runtime, resolve_runtime, wrap_model
-from fastlesion.errors import FastlesionError
+from fastlesion.errors import DatasetError, FastlesionError
+
+log = logging.getLogger(__name__)
 
 
 def inference_runtime(cfg: Config) -> Runtime:
@@ -123,13 +126,49 @@ def image_table(data: str | Path) -> tuple[pd.DataFrame, str]:
     raise FastlesionError(f"{root}: neither an ISIC root with test.csv nor a folder of images")
 
 
+def skipped_file(out: str | Path) -> Path:
+    """Where ``predict(..., skip_bad=True)`` lists the images it skipped: ``submission.csv`` ->
+    ``submission.skipped.csv`` (columns ``path,reason``), next to ``out``."""
+    out = Path(out)
+    return out.with_name(f"{out.stem if out.suffix else out.name}.skipped.csv")
+
+
+def unreadable_images(paths: list[str], workers: int = 0, progress: bool = False) -> pd.DataFrame:
+    """The images of ``paths`` that cannot be read, with why: columns ``path, reason`` (``problem: detail``).
+
+    The decoding check is ``fastlesion check``'s (:func:`fastlesion.data.validate.check_files`): a file is
+    unreadable when it is missing, empty, truncated or corrupt, or when it is not a JPEG and PIL cannot open it
+    either (PNG, BMP, TIFF and WebP files that open are kept). Grayscale / CMYK images and duplicates are read
+    fine by both loaders and kept.
+    """
+    from fastlesion.data.validate import FATAL, check_files
+
+    report = check_files(paths, workers=workers, progress=progress)
+    opened_other_format = (report["problem"] == "not_jpeg") & report["format"].notna()
+    bad = report[report["problem"].isin(FATAL) & ~opened_other_format]
+    bad = bad.drop_duplicates("path")
+    return pd.DataFrame({"path": bad["path"].astype(str).tolist(),
+                         "reason": (bad["problem"] + ": " + bad["detail"].fillna("")).tolist()})
+
+
+_LOADER_HINT = "; run `fastlesion check` and set data.exclude_file"
+
+
 def predict(path: str | Path, data: str | Path, out: str | Path, tta: bool = False,
-            overrides: list[str] | dict | None = None) -> pd.DataFrame:
+            overrides: list[str] | dict | None = None, skip_bad: bool = False,
+            progress: bool = False) -> pd.DataFrame:
     """Predict ``data`` with a checkpoint and write ``out``.
 
     Binary models write the ISIC submission format ``image_name,target`` (target = malignant probability) for an
     ISIC root, which needs a checkpoint with the ISIC classes (benign, malignant), and ``image,target`` (target =
-    probability of the second class) for a folder of images; multiclass models write one probability column per class.
+    probability of the second class) for a folder of images; multiclass models write one probability column per class
+    (on an ISIC root that is no submission file: a warning says so).
+
+    Without ``skip_bad`` an unreadable image stops the prediction with one error naming it. With ``skip_bad`` every
+    image is checked first (:func:`unreadable_images`, the decoding check of ``fastlesion check``), the unreadable
+    ones are left out and listed with the reason in :func:`skipped_file` (``<out stem>.skipped.csv``, columns
+    ``path,reason``; written even when empty, so an old list never lingers). The returned frame's
+    ``attrs["skipped"]`` holds the skipped paths and ``attrs["skipped_file"]`` that file (with ``skip_bad``).
     """
     state = ckpt.load(path)
     cfg = replace(config_from_dict(state["config"], str(path)), overrides)
@@ -140,15 +179,38 @@ def predict(path: str | Path, data: str | Path, out: str | Path, tta: bool = Fal
     if id_col == "image_name" and len(classes) == 2 and classes != ISIC_CLASSES:
         raise FastlesionError(f"{path}: checkpoint classes {classes} are not the ISIC 2020 classes {ISIC_CLASSES}, "
                               f"so it cannot write the ISIC submission (image_name,target) for {data}")
+    skipped: list[str] = []
+    if skip_bad:
+        bad = unreadable_images(table["path"].tolist(), progress=progress)
+        side = skipped_file(out)
+        side.parent.mkdir(parents=True, exist_ok=True)
+        bad.to_csv(side, index=False)
+        skipped = bad["path"].tolist()
+        table = table[~table["path"].astype(str).isin(set(skipped))].reset_index(drop=True)
+        if len(table) == 0:
+            raise DatasetError(f"{data}: none of the {len(bad)} images can be read (listed in {side})")
     table = table.assign(label=0)
     loader = build_loader(table, cfg.loader, cfg.data.image_size, train=False, device=rt.device,
                           channels_last=rt.channels_last)
-    res = evaluate(model, loader, rt, tta=tta)
+    try:
+        res = evaluate(model, loader, rt, tta=tta)
+    except DatasetError as e:  # an unreadable image: one line naming it, and the way to go on without it
+        if _LOADER_HINT not in str(e):
+            raise
+        how = ("it passed the --skip-bad check: convert or remove it" if skip_bad else
+               "predict with --skip-bad to leave unreadable images out")
+        raise DatasetError(f"{str(e).replace(_LOADER_HINT, '')}; {how}") from None
     ids = table[id_col].to_numpy()[res.idx]
     if len(classes) == 2:
         df = pd.DataFrame({id_col: ids, "target": res.probs[:, 1]})
     else:
         df = pd.DataFrame({id_col: ids, **{c: res.probs[:, i] for i, c in enumerate(classes)}})
+        if id_col == "image_name":
+            log.warning("%s holds one probability column per class (%s) of a %d-class checkpoint, not the ISIC 2020 "
+                        "submission format (image_name,target)", out, ",".join(df.columns), len(classes))
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
+    if skip_bad:
+        df.attrs["skipped"] = skipped
+        df.attrs["skipped_file"] = str(skipped_file(out))
     return df

@@ -143,7 +143,10 @@ def run_search(cfg: Config, space: dict[str, Param], settings: TuneSettings,
 
 # --------------------------------------------------------------------------------------------------- resuming
 def resume_search(path: str | Path, address: str | None = None, console: Any = None) -> SearchResult:
-    """Continue an interrupted experiment with ``Tuner.restore`` (errored trials retried) and write the results."""
+    """Continue an interrupted experiment with ``Tuner.restore`` (errored trials retried) and write the results.
+
+    ``Tuner.restore`` unpickles the experiment's ``tuner.pkl``, and unpickling can run any code: resume only
+    experiment folders you trust (ones your own searches wrote)."""
     console = console or make_console()
     _, tune = import_ray()
     exp = find_experiment(path)
