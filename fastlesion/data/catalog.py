@@ -8,7 +8,9 @@ The table is a :class:`pandas.DataFrame` with the columns
 * every other column of the source CSV, kept as metadata (``image_name``, ``sex``, ``age_approx``, ...).
 
 Missing image files are found here, when the table is built, and reported with a count and the first names,
-never mid-epoch. Layouts:
+never mid-epoch. An image listed twice is kept once (the first row), with one warning; an image file that is a
+symlink to a file outside the data root is refused in every layout alike (a symlinked *folder* inside the root, e.g.
+images on another disk, counts as inside). Layouts:
 
 * ``isic2020`` — ``train.csv`` (ISIC 2020 columns) and ``train/`` or ``jpeg/train/<image_name>.jpg``;
 * ``ham10000`` — ``HAM10000_metadata.csv`` and ``HAM10000_images_part_{1,2}/<image_id>.jpg`` (any case);
@@ -82,12 +84,10 @@ def _read_csv(path: Path, required: tuple[str, ...] | list[str], what: str) -> p
     return df
 
 
-def _inside(root: Path, p: Path) -> bool:
-    try:
-        p.resolve().relative_to(root.resolve())
-        return True
-    except ValueError:
-        return False
+def _inside_name(root: Path, path: str) -> bool:
+    """Whether the normalised ``path`` names something under ``root`` (no symlink is followed)."""
+    base = os.path.normpath(root)
+    return path == base or path.startswith(base.rstrip(os.sep) + os.sep)
 
 
 def _child(folder: Path, name: str) -> Path | None:
@@ -131,16 +131,67 @@ def _split_missing(df: pd.DataFrame) -> tuple[pd.DataFrame, list[str]]:
     return df.loc[exists].reset_index(drop=True), df.loc[~exists, "path"].tolist()
 
 
+def _symlinks(paths: pd.Series) -> dict[str, str]:
+    """``{path: the file it resolves to}`` for each path that is itself a symlink."""
+    return {p: os.path.realpath(p) for p in paths if os.path.islink(p)}
+
+
+def _check_links(links: dict[str, str], root: Path, source: Path) -> None:
+    """Refuse image files that are symlinks to a file outside the data root, in every dataset kind alike.
+
+    The data root is where the dataset is, and a folder inside it that is a symlink (images kept on another disk)
+    counts as inside: a linked file may point anywhere under the root or under such a linked folder, not elsewhere.
+    """
+    base = os.path.realpath(root)
+    inside_of: dict[str, list[str]] = {}  # parent folder -> where its images may point
+
+    def allowed(parent: str) -> list[str]:
+        if parent not in inside_of:
+            bases, cur = [base], str(root)
+            for part in Path(os.path.relpath(parent, root)).parts:
+                cur = os.path.join(cur, part)
+                if os.path.islink(cur):
+                    bases.append(os.path.realpath(cur))
+            inside_of[parent] = bases
+        return inside_of[parent]
+
+    bad = [(p, t) for p, t in links.items()
+           if not any(t == b or t.startswith(b.rstrip(os.sep) + os.sep) for b in allowed(os.path.dirname(p)))]
+    if bad:
+        p, t = bad[0]
+        raise DatasetError(f"{source}: {len(bad)} image(s) are symlinks to files outside the data root {root} "
+                           f"(first: {p} -> {t}); copy the files into the root, or link their whole folder")
+
+
+def _drop_duplicates(df: pd.DataFrame, links: dict[str, str], root: Path, source: Path) -> pd.DataFrame:
+    """Keep the first row of each image listed more than once (by path, or a symlink to a listed image), warning
+    once: an image counted twice would weigh twice in training and in every validation metric."""
+    key = df["path"].map(lambda p: links.get(p, p))
+    dup = key.duplicated(keep="first")
+    if not dup.any():
+        return df
+    other = int((dup & (df["label"] != df.groupby(key)["label"].transform("first"))).sum())
+    example = os.path.relpath(df.loc[dup, "path"].iloc[0], root)
+    log.warning("%s: %d duplicate row(s) of the same image dropped, the first row of each kept (e.g. %s)%s", source,
+                int(dup.sum()), example, f"; {other} of them had another label than the kept row" if other else "")
+    return df[~dup].reset_index(drop=True)
+
+
 def _finish(df: pd.DataFrame, classes: list[str], root: Path, kind: str, source: Path,
             strict: bool, exclude: set[str] | None) -> Dataset:
-    """Drop excluded rows, find missing files, check the result is usable."""
+    """Drop duplicate and excluded rows, refuse symlinks out of the root, find missing files, check the result."""
+    links = _symlinks(df["path"])
+    df = _drop_duplicates(df, links, root, source)
     excluded: list[str] = []
     if exclude:
         mask = df["path"].isin(exclude)
+        if mask.sum() < len(exclude):  # the exclusion file's paths are resolved: images in a symlinked folder
+            mask |= df["path"].map(os.path.realpath).isin(exclude)
         excluded = df.loc[mask, "path"].tolist()
         if excluded:
             log.warning("skipping %d image(s) listed in the exclusion file", len(excluded))
         df = df[~mask].reset_index(drop=True)
+    _check_links({p: links[p] for p in df["path"] if p in links}, root, source)
     df, missing = _split_missing(df)
     if missing and strict:
         names = ", ".join(Path(m).name for m in missing[:5])
@@ -188,6 +239,7 @@ def load_isic2020_test(root: Path) -> pd.DataFrame:
     img_dir = _isic_image_dir(root, "test")
     df = df.copy()
     df.insert(0, "path", _image_paths(img_dir, df["image_name"], csv, "image_name", root))
+    _check_links(_symlinks(df["path"]), root, csv)
     df, missing = _split_missing(df)
     if missing:
         raise DatasetError(f"{csv}: {len(missing)} test images are missing (first: {Path(missing[0]).name})")
@@ -239,10 +291,16 @@ def load_csv(root: Path, cfg: DataConfig, strict: bool = True, exclude: set[str]
     df = _read_csv(csv, required, "dataset").copy()
     paths = []
     for p in df[cfg.path_col].astype(str):
-        full = Path(p) if Path(p).is_absolute() else root / p
-        if not _inside(root, full):
-            raise DatasetError(f"{csv}: image path {p!r} escapes the data root {root}")
-        paths.append(str(full.resolve()))
+        # judged on the name, as the other kinds: a folder inside the root may be a symlink to another disk, and a
+        # symlinked file is checked (like theirs) by where it points
+        full = os.path.normpath(p if Path(p).is_absolute() else root / p)
+        if not _inside_name(root, full):
+            # an absolute path may spell the root another way (through a symlink to it): its folder decides
+            real = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
+            if not Path(p).is_absolute() or not _inside_name(Path(os.path.realpath(root)), real):
+                raise DatasetError(f"{csv}: image path {p!r} escapes the data root {root}")
+            full = real
+        paths.append(full)
     labels, classes = _labels_to_index(df[cfg.label_col], csv, cfg.label_col)
     group = df[cfg.group_col].astype(str) if cfg.group_col else pd.Series(paths, index=df.index)
     # the source columns stay as metadata, except those named like the table's own columns (replaced)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
+from fastlesion import locks
 from fastlesion.config import DataConfig
 from fastlesion.data.catalog import Dataset, cache_dir
 from fastlesion.errors import DatasetError
@@ -51,12 +53,15 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, num_folds: int, seed: i
     if holdout > 0:
         n_splits = max(2, round(1 / holdout))
         if n_groups < n_splits + num_folds:
-            raise DatasetError(f"too few groups ({n_groups}) for a {holdout:.0%} holdout and {num_folds} folds")
+            raise DatasetError(f"too few groups ({n_groups}) for data.holdout={holdout:g} and "
+                               f"data.num_folds={num_folds}: need at least {n_splits + num_folds}; lower "
+                               "data.num_folds or data.holdout")
         sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         keep, _ = next(sgkf.split(idx, labels, groups))
         idx = np.sort(keep)
     if len(np.unique(groups[idx])) < num_folds:
-        raise DatasetError(f"too few groups ({len(np.unique(groups[idx]))}) for {num_folds} folds")
+        raise DatasetError(f"too few groups ({len(np.unique(groups[idx]))}) for data.num_folds={num_folds}: each fold "
+                           "needs at least one group (patient/lesion); lower data.num_folds")
     sgkf = StratifiedGroupKFold(n_splits=num_folds, shuffle=True, random_state=seed)
     for k, (_, val) in enumerate(sgkf.split(idx, labels[idx], groups[idx])):
         folds[idx[val]] = k
@@ -83,26 +88,52 @@ def make_folds_table(ds: Dataset, cfg: DataConfig) -> pd.DataFrame:
                          "label": ds.table["label"].values, "fold": folds})
 
 
+def _read_folds(path: Path, ds: Dataset, cfg: DataConfig) -> pd.DataFrame:
+    """A folds file, checked to cover every image of ``ds`` with ``cfg.num_folds`` folds."""
+    folds = pd.read_csv(path, dtype={"key": str, "group": str})
+    if not {"key", "fold"} <= set(folds.columns):
+        raise DatasetError(f"{path}: a folds file needs the columns 'key' and 'fold'")
+    unknown = set(_keys(ds)) - set(folds["key"])
+    if unknown:
+        raise DatasetError(f"{path}: {len(unknown)} image(s) of the dataset are not in this folds file "
+                           f"(first: {sorted(unknown)[0]}); delete it or set data.folds_file to make a new one")
+    n_folds = int(folds["fold"].max()) + 1
+    if n_folds != cfg.num_folds:
+        raise DatasetError(f"{path}: has {n_folds} folds but data.num_folds is {cfg.num_folds}")
+    return folds
+
+
+def _write_atomic(folds: pd.DataFrame, path: Path) -> None:
+    """A temp file of this process's own (never another's) beside ``path``, renamed over it when whole."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "x", newline="") as f:  # "x": created here, with the usual permissions (not mkstemp's 0600)
+            folds.to_csv(f, index=False)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def load_or_make_folds(ds: Dataset, cfg: DataConfig) -> tuple[pd.DataFrame, Path]:
-    """Read the folds file if it exists (and covers this table), else make it and write it."""
+    """Read the folds file if it exists (and covers this table), else make it and write it.
+
+    Concurrent runs (Ray trials, several ``fastlesion train`` at once) share the file: the first to take its lock
+    (``<folds>.lock``) writes it, through a temp file and an atomic rename; the others wait and then read that one.
+    """
     path = Path(cfg.folds_file) if cfg.folds_file else default_folds_file(ds, cfg)
     if path.is_file():
-        folds = pd.read_csv(path, dtype={"key": str, "group": str})
-        if not {"key", "fold"} <= set(folds.columns):
-            raise DatasetError(f"{path}: a folds file needs the columns 'key' and 'fold'")
-        unknown = set(_keys(ds)) - set(folds["key"])
-        if unknown:
-            raise DatasetError(f"{path}: {len(unknown)} image(s) of the dataset are not in this folds file "
-                               f"(first: {sorted(unknown)[0]}); delete it or set data.folds_file to make a new one")
-        n_folds = int(folds["fold"].max()) + 1
-        if n_folds != cfg.num_folds:
-            raise DatasetError(f"{path}: has {n_folds} folds but data.num_folds is {cfg.num_folds}")
-        return folds, path
-    folds = make_folds_table(ds, cfg)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    folds.to_csv(tmp, index=False)
-    os.replace(tmp, path)
+        return _read_folds(path, ds, cfg), path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with locks.locked(path.with_name(path.name + ".lock")):
+            if path.is_file():  # another process wrote it while this one waited
+                return _read_folds(path, ds, cfg), path
+            folds = make_folds_table(ds, cfg)
+            _write_atomic(folds, path)
+    except OSError as e:
+        raise DatasetError(f"{path}: cannot write the folds file ({e.strerror or e}); set data.folds_file to a "
+                           "writable place") from None
     log.info("wrote folds file %s", path)
     return folds, path
 

@@ -21,7 +21,9 @@ branching red vessels, akiec red and scaly, bkl waxy light-brown with milia-like
 
 Generation is deterministic for a seed (whatever the number of worker processes). The CSV is written last and a
 marker ``.fastlesion_synth.json`` records the parameters, so a half-written tree is never taken as complete and a
-second call with the same parameters returns at once.
+second call with the same parameters returns at once. ``.fastlesion_synth.files`` lists every file it writes (made
+before any of them): a regeneration deletes only those, and refuses, naming one, when the root holds any other file
+where the generator writes (a user's own image is never deleted). Concurrent callers wait on one lock file.
 
 Example:
     >>> root = generate("isic2020", "/tmp/synth", n=200, size=160, workers=2)
@@ -37,7 +39,6 @@ import io
 import json
 import math
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -67,6 +68,8 @@ HAM_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localiza
 MARKER = ".fastlesion_synth.json"
 """File in the dataset root recording the generation parameters (written after the CSV files)."""
 LOCK = ".fastlesion_synth.lock"
+FILES = ".fastlesion_synth.files"
+"""The files the generator writes into the root, one a line (written before any of them)."""
 
 _VERSION = 1  # bump when the generated content changes, so cached datasets are regenerated
 _ATYPICAL = 0.10  # fraction of images whose cues are drawn from the other class
@@ -186,8 +189,9 @@ def generate(
         ``Path(out)``.
 
     Raises:
-        DatasetError: on an unknown layout, bad parameters, or an ``out`` holding a dataset not written by this
-            generator (it is never overwritten).
+        DatasetError: on an unknown layout, bad parameters, or an ``out`` holding files not written by this
+            generator where it writes (a CSV of its names, anything in its image folders): they are never
+            overwritten or deleted.
     """
     if layout not in LAYOUTS:
         raise DatasetError(f"synthetic layout {layout!r} unknown; choose one of {LAYOUTS}")
@@ -207,15 +211,11 @@ def generate(
     with _locked(root):  # concurrent callers (e.g. DDP ranks) wait here, then find the dataset complete
         if _is_complete(root, marker):
             return root
+        tables, specs = _plan(params)
         _prepare(root, layout)
-        _write_marker(root, {**marker, "complete": False})  # claims the folder: an interrupted run is cleaned later
-
-        rng = np.random.default_rng([int(seed), _VERSION, LAYOUTS.index(layout)])
-        sizer = _Sizer(wh, params["large"])
-        if layout == "isic2020":
-            tables, specs = _plan_isic(rng, int(n), 0.05 if positive_rate is None else float(positive_rate), sizer)
-        else:
-            tables, specs = _plan_ham(rng, int(n), positive_rate, sizer)
+        # the names it is about to write, then the claim: an interrupted run is cleaned up (only these) later
+        _write_list(root, sorted(tables) + [s.path for s in specs])
+        _write_marker(root, {**marker, "complete": False})
 
         for d in sorted({str(Path(s.path).parent) for s in specs}):
             (root / d).mkdir(parents=True, exist_ok=True)
@@ -274,7 +274,7 @@ def _locked(root: Path) -> Iterator[None]:
 
 
 def _write_marker(root: Path, marker: dict) -> None:
-    tmp = root / (MARKER + ".tmp")
+    tmp = root / f"{MARKER}.{os.getpid()}.tmp"  # this process's own, even where no lock is held (no fcntl)
     tmp.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, root / MARKER)
 
@@ -297,24 +297,70 @@ def _is_complete(root: Path, marker: dict) -> bool:
     return count == old.get("files")
 
 
+def _plan(params: dict) -> tuple[dict[str, tuple[Sequence[str], list[dict]]], list[_Spec]]:
+    """The tables and image specs of a dataset (a pure function of the marker's ``params``)."""
+    layout, n, rate = params["layout"], int(params["n"]), params["positive_rate"]
+    rng = np.random.default_rng([int(params["seed"]), _VERSION, LAYOUTS.index(layout)])
+    sizer = _Sizer(None if params["size"] is None else (int(params["size"][0]), int(params["size"][1])),
+                   bool(params["large"]))
+    if layout == "isic2020":
+        return _plan_isic(rng, n, 0.05 if rate is None else float(rate), sizer)
+    return _plan_ham(rng, n, rate, sizer)
+
+
+def _write_list(root: Path, names: list[str]) -> None:
+    """``.fastlesion_synth.files``: every file the generator writes into `root` (what a regeneration may delete)."""
+    tmp = root / f"{FILES}.{os.getpid()}.tmp"
+    tmp.write_text("".join(f"{name}\n" for name in names))
+    os.replace(tmp, root / FILES)
+
+
+def _written(root: Path) -> set[str]:
+    """The files a previous generation wrote into `root` (its list; for a set made before the list was kept, its
+    plan again from the marker's parameters); only the fixed CSV names when neither can be read."""
+    names = {"train.csv", "test.csv", "HAM10000_metadata.csv"}
+    try:
+        return names | set((root / FILES).read_text().splitlines())
+    except OSError:
+        pass
+    try:
+        old = json.loads((root / MARKER).read_text())
+        if old.get("version") == _VERSION:
+            tables, specs = _plan(old["params"])
+            names |= set(tables) | {s.path for s in specs}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, DatasetError):
+        pass
+    return names
+
+
 def _prepare(root: Path, layout: str) -> None:
-    """Make `root` ready for a fresh dataset: remove a previous synthetic one, refuse to touch anything else."""
-    if (root / MARKER).exists():
-        (root / MARKER).unlink()
-        for name in ("train.csv", "test.csv", "HAM10000_metadata.csv"):
-            (root / name).unlink(missing_ok=True)
-        for lay in LAYOUTS:
-            for d in _image_dirs(lay):
-                shutil.rmtree(root / d, ignore_errors=True)
-    elif (root / _main_csv(layout)).exists():
-        raise DatasetError(f"{root / _main_csv(layout)} exists and was not written by the synthetic generator; "
-                           "refusing to overwrite it (choose another folder)")
+    """Make `root` ready for a fresh dataset: remove the files a previous synthetic set wrote, and refuse (naming
+    one) when the root holds any other file where the generator writes (the user's own are never deleted)."""
+    ours = _written(root) if (root / MARKER).exists() else set()
+    candidates = [root / name for name in ("train.csv", "test.csv", "HAM10000_metadata.csv")]
+    for lay in LAYOUTS:
+        for d in _image_dirs(lay):
+            if (root / d).is_dir():
+                candidates += sorted(p for p in (root / d).rglob("*") if not p.is_dir())
+    present = [p for p in candidates if p.is_file() or p.is_symlink()]
+    foreign = [p for p in present if p.relative_to(root).as_posix() not in ours]
+    if foreign:
+        what = "was not written by the synthetic generator" + (
+            f" (nor {len(foreign) - 1} other file(s))" if len(foreign) > 1 else "")
+        raise DatasetError(f"{foreign[0]} {what}; refusing to overwrite or delete it: move it out, or choose another "
+                           "folder")
+    for p in present:
+        p.unlink()
+    for lay in LAYOUTS:  # the image folders, when that left them empty
+        for d in _image_dirs(lay):
+            with contextlib.suppress(OSError):
+                (root / d).rmdir()
     root.mkdir(parents=True, exist_ok=True)
 
 
 def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
     """Write `rows` with exactly `columns` (atomically: a temporary file renamed into place)."""
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f, lineterminator="\n")
         w.writerow(columns)

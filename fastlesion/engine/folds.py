@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,16 +21,24 @@ def train_folds(cfg: Config) -> dict[str, Any]:
     The out-of-fold AUC is computed once over the concatenated validation predictions of all folds (every image is
     predicted by the one model that did not see it), which is steadier than the mean of per-fold AUCs.
     """
+    out = RunDir.prepare(cfg, resume=False)  # the parent folder is locked by this process, each fold's by its run
+    try:
+        save_config(replace(cfg, **{"run.out": str(out)}), out / "config.yaml")
+        summaries, oof = [], []
+        for k in range(cfg.data.num_folds):
+            fold_cfg = replace(cfg, **{"data.fold": k, "run.out": str(out / f"fold_{k}")})
+            summaries.append(train(fold_cfg))
+            preds = pd.read_csv(out / f"fold_{k}" / "predictions_val.csv")
+            oof.append(preds.assign(fold=k))
+        return _cv_summary(cfg, out, summaries, oof)
+    finally:
+        RunDir.release(out)
+
+
+def _cv_summary(cfg: Config, out: Path, summaries: list[dict[str, Any]], oof: list[pd.DataFrame]) -> dict[str, Any]:
+    """``cv_summary.json`` and ``oof_predictions.csv`` from the folds' summaries and validation predictions."""
     from fastlesion.metrics import classification_metrics
 
-    out = RunDir.prepare(cfg, resume=False)
-    save_config(replace(cfg, **{"run.out": str(out)}), out / "config.yaml")
-    summaries, oof = [], []
-    for k in range(cfg.data.num_folds):
-        fold_cfg = replace(cfg, **{"data.fold": k, "run.out": str(out / f"fold_{k}")})
-        summaries.append(train(fold_cfg))
-        preds = pd.read_csv(out / f"fold_{k}" / "predictions_val.csv")
-        oof.append(preds.assign(fold=k))
     oof_df = pd.concat(oof, ignore_index=True)
     oof_df.to_csv(out / "oof_predictions.csv", index=False)
     classes = summaries[0]["classes"]

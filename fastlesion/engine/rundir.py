@@ -3,17 +3,20 @@
     config.yaml  metrics.csv  best.pt  last.pt  predictions_val.csv  plots/*.png  summary.json
 
 Only rank 0 writes and prints. Other ranks hold an inactive :class:`RunDir` whose methods do nothing (a no-op
-switch, as nanoGPT's ``nullcontext``), so the epoch loop never asks which rank it runs on. The folder is made (and
-an existing run refused or replaced) by :meth:`RunDir.prepare` before any worker starts; a resume is checked
-against the run's own ``config.yaml`` by :func:`check_resume`.
+switch, as nanoGPT's ``nullcontext``), so the epoch loop never asks which rank it runs on. The folder is made, locked
+for the one live run that owns it (``.lock``: a second run on it is refused, naming the owner's pid), and an existing
+run refused or replaced (only the files a run writes are deleted) by :meth:`RunDir.prepare` before any worker
+starts; :meth:`RunDir.release` unlocks it when the run ends. A resume is checked against the run's own
+``config.yaml`` by :func:`check_resume`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +24,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import torch
 
+from fastlesion import locks
 from fastlesion.config import Config, changed_keys, load_config, lookup, save_config
 from fastlesion.engine import checkpoint as ckpt
 from fastlesion.engine.loop import EvalResult
@@ -34,10 +39,16 @@ METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", *VAL_METRICS, "lr", "epoch_
                   "val_seconds", "data_seconds", "images_per_s", "steps"]
 """The columns of ``metrics.csv``, in order."""
 RUN_MARKERS = ("last.pt", "best.pt", "metrics.csv", "summary.json")  # a folder with these holds a run
+RUN_FILES = ("config.yaml", "metrics.csv", "best.pt", "last.pt", "predictions_val.csv", "summary.json")
+PLOT_FILES = ("curves.png", "roc.png", "confusion.png")
+"""The files a run writes (plots under ``plots/``): ``--overwrite`` deletes these and nothing else."""
+LOCK_FILE = ".lock"
+"""Held (``flock``) by the live run that owns the folder; says its pid, host and start time."""
 RESUME_MAY_CHANGE = ("train.epochs", "train.patience", "train.ddp", "train.device", "train.compile",
                      "train.compile_mode", "train.cudnn_benchmark", "train.steps_per_epoch", "loader.workers",
                      "loader.prefetch", "loader.backend", "loader.device", "loader.eval_batch_size")
 """Settings a resumed run may change; everything else is the run's own (model, data, optimizer, schedule, ...)."""
+log = logging.getLogger(__name__)
 ReportFn = Callable[[dict[str, Any], Path], None]
 """Called on rank 0 after each epoch's files are written, with the metrics row and the run folder (Ray Tune)."""
 
@@ -49,23 +60,68 @@ def default_out(cfg: Config) -> Path:
 
 
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
-    """Create the run folder; refuse one that holds a different run unless resuming or overwriting."""
+    """Create the run folder and lock it for this process (:func:`release_run_dir` unlocks it); refuse a folder
+    that another live run holds, or that holds a different run unless resuming or overwriting."""
     out = Path(cfg.run.out) if cfg.run.out else default_out(cfg)
     if out.exists() and not out.is_dir():
         raise FastlesionError(f"{out}: is a file, not a run folder; choose another --out")
-    if resume:
-        if not (out / "last.pt").is_file():
-            raise FastlesionError(f"{out}: nothing to resume (no last.pt)")
-        return out
-    if out.exists() and any((out / m).exists() for m in RUN_MARKERS):
-        if not cfg.run.overwrite:
-            raise FastlesionError(f"{out}: already holds a run; use --resume {out} to continue it or --overwrite "
-                                  "to replace it")
-        for m in (*RUN_MARKERS, "config.yaml", "predictions_val.csv", "plots"):
-            p = out / m
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    if resume and not (out / "last.pt").is_file():
+        raise FastlesionError(f"{out}: nothing to resume (no last.pt)")
     out.mkdir(parents=True, exist_ok=True)
+    lock_run_dir(out)
+    try:
+        if resume:
+            if not (out / "last.pt").is_file():  # a run that held the folder until now replaced it
+                raise FastlesionError(f"{out}: nothing to resume (no last.pt)")
+        elif any((out / m).exists() for m in RUN_MARKERS):
+            if not cfg.run.overwrite:
+                raise FastlesionError(f"{out}: already holds a run; use --resume {out} to continue it or "
+                                      "--overwrite to replace it")
+            remove_run_files(out)
+    except BaseException:
+        release_run_dir(out)
+        raise
     return out
+
+
+def remove_run_files(out: Path) -> None:
+    """``--overwrite``: delete the files a run writes (:data:`RUN_FILES`, :data:`PLOT_FILES` and their temp files),
+    nothing else; ``plots/`` goes only when that leaves it empty."""
+    names = [*RUN_FILES, *(f"plots/{p}" for p in PLOT_FILES)]
+    for name in names + [n + ".tmp" for n in names]:
+        (out / name).unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # not empty (the user's own files), or not there
+        (out / "plots").rmdir()
+
+
+# --------------------------------------------------------------------------------------------------- the lock
+_held: dict[Path, locks.Lock] = {}  # run folders this process holds
+
+
+def lock_run_dir(out: Path) -> None:
+    """Lock ``out/.lock`` for this process, or refuse in one line naming the live run (its pid) that holds it.
+
+    A lock file left by a run that died (``kill -9``, a crash, a lost node) is taken over with a warning: the
+    kernel drops the lock of a dead process, so only a live run can hold one.
+    """
+    try:
+        lock = locks.acquire(out / LOCK_FILE)
+    except locks.LockBusy as e:
+        raise FastlesionError(f"{out}: in use by another fastlesion run ({locks.describe(e.owner)}); wait for it "
+                              "to end, or choose another --out") from None
+    except OSError as e:
+        raise FastlesionError(f"{out}: cannot lock the run folder ({e.strerror or e})") from None
+    if lock.previous:
+        log.warning("%s: taking over the lock left by a run that is gone (%s)", out,
+                    locks.describe(lock.previous))
+    _held[out.resolve()] = lock
+
+
+def release_run_dir(out: str | Path | None) -> None:
+    """Unlock a run folder this process locked (and remove its ``.lock``); any other folder is left alone."""
+    lock = _held.pop(Path(out).resolve(), None) if out else None
+    if lock is not None:
+        locks.release(lock)
 
 
 def check_resume(cfg: Config, run_dir: Path) -> None:
@@ -106,14 +162,25 @@ def predictions_frame(table: pd.DataFrame, res: EvalResult, classes: list[str]) 
     return df
 
 
-def write_plots(out: Path, res: EvalResult | None, classes: list[str], confusion: list | None) -> None:
+def roc_from_predictions(csv_path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Labels and class probabilities back from a ``predictions_val.csv`` (None when its columns do not fit)."""
+    df = pd.read_csv(csv_path)
+    cols = [f"prob_{c}" for c in classes]
+    if "label" not in df.columns or not set(cols) <= set(df.columns):
+        return None
+    return df["label"].to_numpy(), df[cols].to_numpy()
+
+
+def write_plots(out: Path, roc: tuple[np.ndarray, np.ndarray] | None, classes: list[str],
+                confusion: list | None) -> None:
+    """``plots/``: curves.png; roc.png from the best epoch's (labels, probs); confusion.png from its matrix."""
     from fastlesion import report
 
     plots = out / "plots"
     plots.mkdir(exist_ok=True)
     report.plot_curves(out / "metrics.csv", plots / "curves.png")
-    if res is not None and len(np.unique(res.labels)) > 1:
-        report.plot_roc(res.labels, res.probs, classes, plots / "roc.png")
+    if roc is not None and len(np.unique(roc[0])) > 1:
+        report.plot_roc(roc[0], roc[1], classes, plots / "roc.png")
     if confusion is not None:
         report.plot_confusion(confusion, classes, plots / "confusion.png")
 
@@ -165,12 +232,13 @@ class RunDir:
     """
 
     prepare = staticmethod(prepare_run_dir)
+    release = staticmethod(release_run_dir)
 
     def __init__(self, path: str | Path, active: bool = True, report: ReportFn | None = None,
                  quiet: bool = False) -> None:
         self.path, self.active, self.report, self.quiet = Path(path), active, report, quiet
         self.best_metrics: dict = {}  # metrics (with the confusion matrix) of the best epoch seen by this process
-        self.best_res: EvalResult | None = None
+        self.best_roc: tuple[np.ndarray, np.ndarray] | None = None  # the best epoch's validation labels, probs
 
     @property
     def shows_progress(self) -> bool:
@@ -202,8 +270,10 @@ class RunDir:
         if not self.active:
             return
         if improved:
-            self.best_metrics, self.best_res = metrics, res
-            ckpt.save_atomic(checkpoint_state(s, metrics), self.path / "best.pt")
+            self.best_metrics, self.best_roc = metrics, (res.labels, res.probs)
+            # best.pt keeps the best epoch's labels and probabilities: a resumed run draws the same roc.png
+            ckpt.save_atomic({**checkpoint_state(s, metrics), "val_labels": torch.as_tensor(np.asarray(res.labels)),
+                              "val_probs": torch.as_tensor(np.asarray(res.probs))}, self.path / "best.pt")
             if s.cfg.run.save_predictions:
                 predictions_frame(s.data.split.val, res, s.classes).to_csv(self.path / "predictions_val.csv",
                                                                            index=False)
@@ -217,12 +287,17 @@ class RunDir:
         """Plots and ``summary.json``; returns the summary (``{}`` on other ranks)."""
         if not self.active:
             return {}
-        best_metrics = self.best_metrics
-        if self.best_res is None and (self.path / "predictions_val.csv").is_file():  # resumed after the best epoch
-            best_metrics = ckpt.load(self.path / "best.pt").get("metrics", {})
+        best_metrics, roc = self.best_metrics, self.best_roc
+        if roc is None and (self.path / "best.pt").is_file():  # resumed after the best epoch: best.pt has it
+            best = ckpt.load(self.path / "best.pt")
+            best_metrics = best.get("metrics", {})
+            if best.get("val_labels") is not None:
+                roc = (best["val_labels"].numpy(), best["val_probs"].numpy())
+            elif (self.path / "predictions_val.csv").is_file():  # a best.pt written before it kept them
+                roc = roc_from_predictions(self.path / "predictions_val.csv", s.classes)
         summary = summarize(s, self.path, stopped_early, best_metrics, train_seconds)
         if s.cfg.run.plots:
-            write_plots(self.path, self.best_res, s.classes, best_metrics.get("confusion"))
+            write_plots(self.path, roc, s.classes, best_metrics.get("confusion"))
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         console.print(f"best {s.cfg.train.early_stop_metric} {s.early.best:.4f} at epoch {s.early.best_epoch}; "
                       f"val_auc {summary['val_auc']:.4f}  val_accuracy {summary['val_accuracy']:.4f}; "

@@ -3,12 +3,13 @@
 :class:`Session` is built once by :func:`fastlesion.engine.train.build_session`; the epoch loop mutates its counters
 (``epoch``, ``global_step``, ``rows``) and the objects it holds. :func:`checkpoint_state` and :func:`restore` are the
 two directions between a session and a ``last.pt`` / ``best.pt``: everything ``--resume`` needs to continue as if
-never stopped (model, optimizer, scaler, schedule, early stopping, EMA, epoch, RNG).
+never stopped (model, optimizer, scaler, schedule, early stopping, EMA, epoch, RNG, training time so far).
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,10 +89,19 @@ class Session:
     global_step: int = 0  # optimizer steps taken
     rows: list[dict] = field(default_factory=list)  # metrics.csv so far
     params: int = 0
+    seconds_before: float = 0.0  # training time of the run's earlier processes (restored from last.pt)
+    clock: float | None = None  # perf_counter() when this process's epoch loop started (start_clock)
 
     @property
     def classes(self) -> list[str]:
         return list(self.data.ds.classes)
+
+    def start_clock(self) -> None:
+        self.clock = time.perf_counter()
+
+    def train_seconds(self) -> float:
+        """Seconds of training so far, over every process of the run (a resume adds to what last.pt recorded)."""
+        return self.seconds_before + (time.perf_counter() - self.clock if self.clock is not None else 0.0)
 
     def current_lr(self) -> float:
         """The schedule's lr at the current optimizer step (``plateau`` scales it)."""
@@ -106,7 +116,7 @@ def checkpoint_state(s: Session, metrics: dict | None = None) -> dict[str, Any]:
             "scaler": s.scaler.state_dict(), "plateau": s.plateau.state_dict(), "early": vars(s.early).copy(),
             "ema": s.ema.module.state_dict() if s.ema else None, "epoch": s.epoch, "global_step": s.global_step,
             "rng": ckpt.rng_state(), "classes": s.classes, "model_name": s.cfg.model.name,
-            "config": to_dict(s.cfg), "metrics": metrics or {}, "rows": s.rows}
+            "config": to_dict(s.cfg), "metrics": metrics or {}, "rows": s.rows, "train_seconds": s.train_seconds()}
 
 
 def restore(s: Session, state: dict[str, Any]) -> None:
@@ -122,4 +132,6 @@ def restore(s: Session, state: dict[str, Any]) -> None:
     if s.ema is not None and state.get("ema") is not None:
         s.ema.module.load_state_dict(state["ema"])
     s.epoch, s.global_step, s.rows = int(state["epoch"]), int(state["global_step"]), list(state.get("rows", []))
+    # a last.pt written before train_seconds was kept: its epochs' own durations
+    s.seconds_before = float(state.get("train_seconds", sum(float(r.get("epoch_seconds", 0.0)) for r in s.rows)))
     ckpt.set_rng_state(state["rng"])

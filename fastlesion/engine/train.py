@@ -124,7 +124,8 @@ def fit(s: Session, run: RunDir, resumed: bool = False) -> dict[str, Any]:
     s.train_loader.set_epoch(s.epoch + 1)  # the first epoch's order, so that run.start can show its class ratio
     run.start(s, resumed)
     set_lr(s.optimizer, s.current_lr())
-    stopped_early, t_start = False, time.perf_counter()
+    stopped_early = False
+    s.start_clock()  # train_seconds adds to the time a resumed run's last.pt recorded
     for epoch in range(s.epoch + 1, cfg.train.epochs + 1):
         s.train_loader.set_epoch(epoch)
         lr, t0 = s.current_lr(), time.perf_counter()
@@ -143,7 +144,7 @@ def fit(s: Session, run: RunDir, resumed: bool = False) -> dict[str, Any]:
             run.log(f"early stop: {metric} did not improve for {s.early.patience} epochs "
                     f"(best {s.early.best:.4f} at epoch {s.early.best_epoch})")
             break
-    return run.finish(s, stopped_early, time.perf_counter() - t_start)
+    return run.finish(s, stopped_early, s.train_seconds())
 
 
 def run_worker(cfg: Config, data: TrainData | None = None, resume: bool = False, report: ReportFn | None = None,
@@ -152,16 +153,18 @@ def run_worker(cfg: Config, data: TrainData | None = None, resume: bool = False,
 
     Args:
         data: the prepared dataset (``--ddp``: the launcher's); None: rank 0 prepares it and shares it.
-        prepared: the launcher already made ``cfg.run.out`` (``--ddp``), so the workers only use it.
+        prepared: the launcher already made (and locked) ``cfg.run.out`` (``--ddp``), so the workers only use it.
     """
     rt = resolve_runtime(cfg.train, dist.env_info().local_rank)
     info = dist.setup(rt.device.type)
+    owned = None  # the folder RunDir.prepare locked for this process: unlocked however the run ends
     try:
         # rank 0 checks the dataset (generating the synthetic set, writing the folds file) before any folder is
         # made and hands the split to the others: every rank trains on the very same split
         if data is None:
             data = dist.on_main(info, lambda: prepare_data(cfg))
         out = cfg.run.out if prepared else dist.on_main(info, lambda: str(RunDir.prepare(cfg, resume)))
+        owned = None if prepared else out
         cfg = replace(cfg, **{"run.out": str(out)})
         run = RunDir(out, active=info.is_main, report=report, quiet=cfg.run.quiet)
         s = build_session(cfg, info, rt, data)
@@ -169,6 +172,7 @@ def run_worker(cfg: Config, data: TrainData | None = None, resume: bool = False,
             restore(s, ckpt.load(run.path / "last.pt"))
         return fit(s, run, resumed=resume)
     finally:
+        RunDir.release(owned)
         dist.teardown()
 
 
@@ -197,6 +201,9 @@ def train(cfg: Config, resume: str | Path | None = None, report: ReportFn | None
         dist.check_world(cfg.train.ddp, resolve_runtime(cfg.train).device.type)
         data = prepare_data(cfg)  # once, before any folder or worker: the workers get it with their arguments
         cfg = replace(cfg, **{"run.out": str(RunDir.prepare(cfg, resume is not None))})
-        dist.launch(_ddp_entry, (cfg, data, resume is not None), cfg.train.ddp)
+        try:  # the launcher holds the folder's lock for its workers
+            dist.launch(_ddp_entry, (cfg, data, resume is not None), cfg.train.ddp)
+        finally:
+            RunDir.release(cfg.run.out)
         return RunDir(cfg.run.out).read_summary()
     return run_worker(cfg, resume=resume is not None, report=report)
