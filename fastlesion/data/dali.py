@@ -24,7 +24,15 @@ Evaluation is sharded the DALI way (rank ``r`` reads the contiguous rows ``[r*N/
 removed by the iterator and, as a guard, by the row indices: every row is yielded exactly once over all ranks.
 
 A file DALI cannot decode stops the run with a :class:`~fastlesion.errors.DatasetError` naming it (DALI raises,
-it never hangs); ``fastlesion check`` writes the exclusion list that keeps such files out of the table.
+it never hangs): the name DALI gives ("Failed to decode sample #i : <path>"), else the first file of the batches
+in flight that DALI's own decoder fails on when they are decoded again one at a time (:func:`find_undecodable`),
+else the list of candidates, never a guess by another decoder. ``fastlesion check`` writes the exclusion list that
+keeps such files out of the table. A JPEG with corrupt scan data is *not* an error for DALI: libjpeg-turbo prints a
+warning without the file name ("Corrupt JPEG data: ...") and the image decodes to wrong pixels; ``fastlesion
+check`` reports it as ``corrupt``.
+
+Batch sizes, threads and queue depth are the clamped values of :class:`~fastlesion.data.loader.ShardedLoader`
+(``self.batch_size``, ``self.workers``, ``self.prefetch``), checked before any pipeline is built.
 """
 
 from __future__ import annotations
@@ -51,6 +59,10 @@ READER = "reader"
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DECODE_FAILED = re.compile(r"Failed to decode sample\s*#?\d*\s*:\s*(\S[^\n]*)")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_BOILERPLATE = ("Critical error", "Error in", "which was", "encountered", "Current pipeline", "Traceback")
+_MAX_REASON = 200
+_MAX_CANDIDATES = 5
 
 
 def _pipeline_seed(seed: int, rank: int, epoch: int, train: bool) -> int:
@@ -131,15 +143,19 @@ def _pipeline_factory():
 
 def build_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_size: int, train: bool,
                    batch_size: int, shard_id: int = 0, num_shards: int = 1, dali_device: str = "cpu",
-                   device_id: int | None = None, seed: int = 0, channels_last: bool = False):
+                   device_id: int | None = None, seed: int = 0, channels_last: bool = False,
+                   num_threads: int | None = None, prefetch: int | None = None):
     """The pipeline (not yet built) of one epoch: :func:`lesion_pipeline`'s graph with the run-time settings
-    ``batch_size``, ``num_threads`` (``cfg.workers``), ``device_id`` (None: a CPU-only pipeline), ``seed`` and
-    ``prefetch_queue_depth`` (``cfg.prefetch``)."""
+    ``batch_size``, ``num_threads`` (default ``cfg.workers``), ``device_id`` (None: a CPU-only pipeline), ``seed``
+    and ``prefetch_queue_depth`` (``prefetch``, default ``cfg.prefetch``). :class:`DaliLoader` passes its
+    clamped ``workers`` and ``prefetch`` (see :class:`~fastlesion.data.loader.ShardedLoader`)."""
+    threads = cfg.workers if num_threads is None else num_threads
+    depth = cfg.prefetch if prefetch is None else prefetch
     return _pipeline_factory()(files, rows, cfg, image_size, train, shard_id=shard_id, num_shards=num_shards,
                                dali_device=dali_device, channels_last=channels_last,
-                               batch_size=batch_size, num_threads=max(1, cfg.workers),
+                               batch_size=batch_size, num_threads=max(1, threads),
                                device_id=device_id if dali_device == "gpu" else None, seed=seed,
-                               prefetch_queue_depth=max(1, cfg.prefetch))
+                               prefetch_queue_depth=max(1, depth))
 
 
 class DaliLoader(ShardedLoader):
@@ -171,10 +187,9 @@ class DaliLoader(ShardedLoader):
             raise ConfigError("loader.device: 'gpu' needs CUDA, which is not available here (use loader.device=cpu)")
         if len(table) == 0:
             raise DatasetError("DALI loader: the table is empty (no images to load)")
+        self.device_name = dali_device  # before the bookkeeping: its memory check needs it
         super().__init__(table, cfg, train, rank=rank, world_size=world_size, device=device,
-                         channels_last=channels_last)
-        self.image_size = image_size
-        self.device_name = dali_device
+                         channels_last=channels_last, image_size=image_size)
         self.paths: list[str] = table["path"].astype(str).tolist()
         self.dtype = _TORCH_DTYPES[cfg.dtype]
         self._files: list[str] = []  # the reader's file list (all shards)
@@ -184,6 +199,10 @@ class DaliLoader(ShardedLoader):
         self._stale = True  # the pipeline does not match the current order: rebuild before iterating
         self._needs_reset = False  # the iterator finished an epoch: reset it before reusing it
         self.set_epoch(0)
+
+    def value_bytes(self) -> int:
+        """DALI's output dtype: float16 is 2 bytes, float32 (and bfloat16, converted by torch) 4."""
+        return 2 if self.cfg.dtype == "float16" else 4
 
     # ------------------------------------------------------------------------------------------------- orders
     def set_epoch(self, epoch: int) -> None:
@@ -220,15 +239,11 @@ class DaliLoader(ShardedLoader):
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         self._close()
-        device_id = None
-        if self.device_name == "gpu":
-            device_id = self.device.index if self.device.type == "cuda" and self.device.index is not None \
-                else torch.cuda.current_device()
         pipe = build_pipeline(self._files, self._rows, self.cfg, self.image_size, self.train, self.batch_size,
                               shard_id=self.rank, num_shards=self.world_size, dali_device=self.device_name,
-                              device_id=device_id, seed=_pipeline_seed(self.cfg.seed, self.rank, self.epoch,
-                                                                      self.train),
-                              channels_last=self.channels_last)
+                              device_id=self._device_id(), seed=_pipeline_seed(self.cfg.seed, self.rank,
+                                                                               self.epoch, self.train),
+                              channels_last=self.channels_last, num_threads=self.workers, prefetch=self.prefetch)
         pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         self._pipe = pipe
@@ -236,24 +251,41 @@ class DaliLoader(ShardedLoader):
                                        auto_reset=False)
         self._stale = self._needs_reset = False
 
+    def _device_id(self) -> int | None:
+        """The CUDA device DALI decodes on (None for a CPU pipeline)."""
+        if self.device_name != "gpu":
+            return None
+        if self.device.type == "cuda" and self.device.index is not None:
+            return self.device.index
+        return torch.cuda.current_device()
+
     def _decode_error(self, err: Exception, position: int) -> DatasetError:
-        """A one-line DatasetError naming the file DALI failed on (parsed, else found among the next batches)."""
+        """A one-line DatasetError naming the file DALI failed on.
+
+        DALI names the file itself when libjpeg-turbo fails ("Failed to decode sample #i : <path>"); otherwise
+        (e.g. "nvImageCodec failure: '#4'" for a file that is no image at all) the batches that may have been in
+        flight, ``(prefetch + 2) x batch_size`` files from ``position`` on, are decoded again one file at a time
+        by DALI's own decoder (:func:`find_undecodable`), and the first that fails is named. Where even that
+        finds none, the message lists the candidates rather than guessing.
+        """
         msg = str(err)
         hint = "run `fastlesion check` and set data.exclude_file"
         m = _DECODE_FAILED.search(msg)
         if m:
-            return DatasetError(f"{m.group(1).strip()}: DALI cannot decode image; {hint}")
-        reason = next((ln.strip() for ln in msg.splitlines()
-                       if ln.strip() and not ln.startswith(("Critical error", "Error in", "  ", "which was",
-                                                            "encountered", "Current pipeline"))), "")
-        rows = self.shard_rows()[position: position + (max(1, self.cfg.prefetch) + 2) * self.batch_size]
-        for r in rows:
-            path = self.paths[int(r)]
-            if not _pil_decodes(path):
-                return DatasetError(f"{path}: DALI cannot decode image ({reason or 'decoder error'}); {hint}")
-        first = self.paths[int(rows[0])] if len(rows) else "?"
-        return DatasetError(f"DALI failed to decode a batch of rank {self.rank} starting at {first} "
-                            f"({reason or msg.splitlines()[-1] if msg else 'decoder error'}); {hint}")
+            path = m.group(1).strip()
+            return DatasetError(f"{path}: DALI cannot decode image ({_describe(path, '')}); {hint}")
+        reason = _dali_reason(msg)
+        rows = self.shard_rows()[position: position + (self.prefetch + 2) * self.batch_size]
+        candidates = list(dict.fromkeys(self.paths[int(r)] for r in rows))
+        found = find_undecodable(candidates, self.device_name, self._device_id()) if candidates else None
+        if found is not None:
+            path, why = found
+            return DatasetError(f"{path}: DALI cannot decode image ({_describe(path, why or reason)}); {hint}")
+        shown = ", ".join(candidates[:_MAX_CANDIDATES])
+        more = f" (+{len(candidates) - _MAX_CANDIDATES} more)" if len(candidates) > _MAX_CANDIDATES else ""
+        return DatasetError(f"DALI failed on a batch of rank {self.rank} ({reason or 'decoder error'}) and no single "
+                            f"file of it fails on its own; the file is one of {len(candidates)}: {shown}{more}; "
+                            f"{hint}")
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.num_samples == 0:
@@ -299,13 +331,67 @@ class DaliLoader(ShardedLoader):
         self._needs_reset = True
 
 
-def _pil_decodes(path: str) -> bool:
-    """Whether PIL can fully decode ``path`` (used only to name the culprit of a DALI decode failure)."""
-    from PIL import Image
+def _dali_reason(text: str) -> str:
+    """The line of a DALI error message (or of DALI's stderr) that says what went wrong, without the pipeline's
+    boilerplate and colour codes; "" when there is none."""
+    text = _ANSI.sub("", text)
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith(_BOILERPLATE) or line.startswith(("File ", "img = ", "return ")):
+            continue
+        if "] " in line and line.startswith("["):  # "[ERROR] [libjpeg_turbo_decoder] Could not decode ... - why"
+            line = line.rsplit("] ", 1)[-1]
+            line = line.split(" - ", 1)[-1]
+        return line[:_MAX_REASON]
+    return ""
 
-    try:
-        with Image.open(path) as im:
-            im.load()
-        return True
-    except Exception:  # noqa: BLE001 - any failure means "this is the bad file"
-        return False
+
+def _describe(path: str, reason: str) -> str:
+    """Why ``path`` cannot be decoded: what ``fastlesion check`` says of it, else DALI's reason."""
+    from fastlesion.data.validate import check_image
+
+    problems = check_image(path)
+    if problems:
+        return "; ".join(f"{p}: {d}" for p, d in problems)[:_MAX_REASON]
+    return reason or "decoder error"
+
+
+def find_undecodable(paths: list[str], dali_device: str = "cpu", device_id: int | None = None) \
+        -> tuple[str, str] | None:
+    """Decode ``paths`` one at a time with DALI's image decoder; the first file that fails and DALI's reason.
+
+    Args:
+        paths: candidate files, in the order to try.
+        dali_device: ``cpu`` or ``gpu`` (nvJPEG, ``mixed``): the decoder of the pipeline that failed.
+        device_id: the CUDA device for ``gpu``.
+
+    Returns:
+        ``(path, reason)`` of the first file DALI cannot decode, or None when every file decodes (or the probe
+        itself cannot run). The decoder's own messages on stderr are captured, not printed.
+    """
+    from nvidia.dali import fn, pipeline_def, types
+
+    from fastlesion.data.validate import captured_stderr
+
+    @pipeline_def
+    def one_by_one():
+        jpegs, _ = fn.readers.file(files=list(paths), random_shuffle=False, name="probe")
+        return fn.decoders.image(jpegs, device="mixed" if dali_device == "gpu" else "cpu", output_type=types.RGB)
+
+    with captured_stderr() as err:
+        try:
+            pipe = one_by_one(batch_size=1, num_threads=1, device_id=device_id if dali_device == "gpu" else None,
+                              prefetch_queue_depth=1, exec_pipelined=False, exec_async=False, seed=0)
+            pipe.build()
+        except Exception:  # noqa: BLE001 - the probe is best effort: the caller lists the candidates instead
+            return None
+        failed: tuple[int, str] | None = None
+        for i in range(len(paths)):  # batch size 1, synchronous: run i decodes exactly paths[i]
+            try:
+                pipe.run()
+            except RuntimeError as e:
+                failed = (i, str(e))
+                break
+    if failed is None:
+        return None
+    return paths[failed[0]], _dali_reason(err.text) or _dali_reason(failed[1])

@@ -13,12 +13,21 @@ differ only in how a batch is decoded:
 * ``loader.effective_class_ratio`` — each class's share of the current epoch's order (after oversampling);
 * ``loader.num_samples``, ``loader.batch_size``, ``loader.drop_last``; ``loader.backend`` (``dali`` | ``torch``)
   and ``loader.device_name`` (where images are decoded: ``cpu`` | ``gpu``).
+
+Limits (:class:`ShardedLoader`, before any pipeline or DataLoader exists, the same for both backends): a batch
+larger than this process's shard is clamped to the shard (one warning naming the key; a derived eval batch, i.e.
+``eval_batch_size`` None, silently); ``loader.workers`` above :data:`WORKERS_PER_CORE` x the usable CPU cores and
+``loader.prefetch`` above :data:`MAX_PREFETCH` are clamped with one warning each; ``data.image_size`` above
+:data:`MAX_IMAGE_SIZE` and batches whose prefetched outputs alone would not fit in the decoding device's memory
+are refused with a :class:`~fastlesion.errors.ConfigError`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
+import os
 import platform
 import warnings
 from typing import Protocol, runtime_checkable
@@ -29,8 +38,41 @@ import torch
 
 from fastlesion.config import LoaderConfig
 from fastlesion.data import sampling
+from fastlesion.errors import ConfigError
 
 log = logging.getLogger(__name__)
+
+WORKERS_PER_CORE = 4
+"""``loader.workers`` is clamped to this many DALI threads / DataLoader processes per usable CPU core."""
+MAX_PREFETCH = 16
+"""``loader.prefetch`` (DALI queue depth / DataLoader prefetch factor) is clamped to this."""
+MAX_IMAGE_SIZE = 4096
+"""Largest ``data.image_size`` accepted (one 4096 px image is 201 MB as float32)."""
+
+
+@functools.cache
+def usable_cpus() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one, else ``os.cpu_count()``)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def physical_memory() -> int | None:
+    """Bytes of physical memory of this machine (None where the OS does not say)."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+_limit_warnings: set[str] = set()
+"""Limit warnings already given by this process (each is given once)."""
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
 
 
 @runtime_checkable
@@ -59,26 +101,109 @@ class ShardedLoader:
     Training: every rank sees ``ceil(n / world_size)`` samples of the epoch's order (padded by wrapping around, so
     all ranks take the same number of steps); evaluation: the contiguous :func:`~fastlesion.data.sampling.eval_share`,
     unpadded, so each row is evaluated exactly once over all ranks.
+
+    The limits of the module docstring are applied here, before a backend builds anything: ``batch_size`` is the
+    clamped batch, ``workers`` and ``prefetch`` the clamped ``cfg.workers`` / ``cfg.prefetch`` that the backends
+    use (never the raw config values).
     """
 
     backend = ""
     device_name = "cpu"
 
     def __init__(self, table: pd.DataFrame, cfg: LoaderConfig, train: bool, rank: int = 0, world_size: int = 1,
-                 device: torch.device | str = "cpu", channels_last: bool = False) -> None:
+                 device: torch.device | str = "cpu", channels_last: bool = False,
+                 image_size: int | None = None) -> None:
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world_size {world_size}")
         self.cfg, self.train, self.rank, self.world_size = cfg, train, rank, world_size
         self.device = torch.device(device)
         self.channels_last = channels_last
+        self.image_size = image_size
         self.labels = table["label"].to_numpy().astype(np.int64)
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
-        self.batch_size = cfg.batch_size if train else (cfg.eval_batch_size or 2 * cfg.batch_size)
         n = len(self.labels)
         self.num_samples = -(-n // world_size) if train else len(sampling.eval_share(n, rank, world_size))
+        self._check_image_size()
+        self.batch_size = self._clamped_batch_size()
+        self.workers = self._clamped(cfg.workers, WORKERS_PER_CORE * usable_cpus(), "loader.workers",
+                                     f"{WORKERS_PER_CORE} x the {usable_cpus()} CPU core(s) this process may use")
+        if cfg.prefetch < 1:
+            raise ConfigError(f"loader.prefetch must be >= 1, got {cfg.prefetch}")
+        self.prefetch = self._clamped(cfg.prefetch, MAX_PREFETCH, "loader.prefetch",
+                                      f"the maximum of {MAX_PREFETCH} batches")
         self.drop_last = train and self.num_samples >= self.batch_size
+        self._check_memory()
         self.epoch = 0
         self.effective_class_ratio = sampling.class_ratio(self.labels, np.arange(n), self.num_classes)
+
+    # ------------------------------------------------------------------------------------------------- limits
+    def _warn(self, msg: str) -> None:
+        """One warning line, from rank 0 only (every rank takes the same decision), once per process (the
+        training and the evaluation loader share ``workers`` and ``prefetch``)."""
+        if self.rank == 0 and msg not in _limit_warnings:
+            _limit_warnings.add(msg)
+            log.warning("%s", msg)
+
+    def _check_image_size(self) -> None:
+        size = self.image_size
+        if size is not None and size > MAX_IMAGE_SIZE:
+            raise ConfigError(f"data.image_size {size} is above the maximum of {MAX_IMAGE_SIZE} px (one {size} px "
+                              f"image is {_gib(3 * size * size * 4)} as float32); use a model input size such as "
+                              f"224, 384 or 512")
+
+    def _clamped_batch_size(self) -> int:
+        """The configured batch size, clamped to this process's shard: a larger batch only costs memory (the
+        whole shard is one batch either way). Warns when the value was given; a derived eval batch (``None`` =
+        2 x batch_size) is clamped silently."""
+        cfg, shard = self.cfg, self.num_samples
+        if self.train:
+            key, value, given = "loader.batch_size", cfg.batch_size, True
+        else:
+            given = cfg.eval_batch_size is not None
+            key, value = "loader.eval_batch_size", cfg.eval_batch_size if given else 2 * cfg.batch_size
+        if value < 1:
+            raise ConfigError(f"{key} must be >= 1, got {value}")
+        if value <= max(shard, 1):
+            return value
+        if given:
+            kind = "training" if self.train else "evaluation"
+            self._warn(f"{key} {value} is larger than this process's {kind} shard ({shard} images): using {shard}")
+        return max(shard, 1)
+
+    def _clamped(self, value: int, limit: int, key: str, what: str) -> int:
+        if value <= limit:
+            return value
+        self._warn(f"{key} {value} is more than {what}: using {limit}")
+        return limit
+
+    def held_batches(self) -> int:
+        """Output batches the backend may hold at once (queue, prefetch, the batch in use): DALI's default."""
+        return self.prefetch + 2
+
+    def value_bytes(self) -> int:
+        """Bytes per output value (float32 by default)."""
+        return 4
+
+    def _check_memory(self) -> None:
+        """Refuse a batch whose held outputs alone exceed the memory of the device that decodes them."""
+        if self.image_size is None:
+            return
+        budget, where = physical_memory(), "this machine's memory"
+        if self.device_name == "gpu" and torch.cuda.is_available():
+            index = self.device.index if self.device.type == "cuda" and self.device.index is not None else None
+            budget = torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index)\
+                .total_memory
+            where = "the GPU's memory"
+        if not budget:
+            return
+        batch = self.batch_size * 3 * self.image_size**2 * self.value_bytes()
+        held = self.held_batches()
+        if batch * held > budget:
+            key = "loader.batch_size" if self.train else "loader.eval_batch_size"
+            raise ConfigError(f"{key} {self.batch_size} at data.image_size {self.image_size}: one batch is "
+                              f"{_gib(batch)} and the {self.backend} loader holds up to {held} "
+                              f"({_gib(batch * held)}), more than {where} ({_gib(budget)}); lower {key} "
+                              f"(or loader.prefetch / loader.workers)")
 
     def __len__(self) -> int:
         n = self.num_samples

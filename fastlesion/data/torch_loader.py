@@ -69,15 +69,19 @@ class TorchLoader(ShardedLoader):
     def __init__(self, table: pd.DataFrame, cfg: LoaderConfig, image_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", channels_last: bool = False) -> None:
         super().__init__(table, cfg, train, rank=rank, world_size=world_size, device=device,
-                         channels_last=channels_last)
+                         channels_last=channels_last, image_size=image_size)
         tf = train_transform(cfg, image_size) if train else eval_transform(cfg, image_size)
         self.dataset = ImageTable(table["path"].tolist(), self.labels, tf)
         self.sampler = _ListSampler()
         self.set_epoch(0)
         self.loader = torch.utils.data.DataLoader(
-            self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=cfg.workers,
+            self.dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
             pin_memory=self.device.type == "cuda", drop_last=self.drop_last,
-            persistent_workers=cfg.workers > 0, prefetch_factor=cfg.prefetch if cfg.workers > 0 else None)
+            persistent_workers=self.workers > 0, prefetch_factor=self.prefetch if self.workers > 0 else None)
+
+    def held_batches(self) -> int:
+        """Batches in flight: ``prefetch`` per worker (at most an epoch's worth), plus the one in use."""
+        return (min(self.workers * self.prefetch, len(self)) if self.workers > 0 else 0) + 1
 
     def set_epoch(self, epoch: int) -> None:
         """Draw this epoch's order (same on all ranks), take this rank's shard and one augmentation seed per sample."""
@@ -94,11 +98,24 @@ class TorchLoader(ShardedLoader):
                 x, y, idx = next(it)
             except StopIteration:
                 return
-            except DatasetError:
-                raise
-            except Exception as e:  # a worker's DatasetError comes back wrapped: keep its one line
-                last = str(e).strip().splitlines()[-1] if str(e).strip() else repr(e)
-                raise DatasetError(last.split("DatasetError: ", 1)[-1]) from None
+            except Exception as e:  # noqa: BLE001 - a worker's error comes back wrapped: keep its one line
+                if isinstance(e, DatasetError) and "Original Traceback" not in str(e):
+                    raise  # raised in this process (workers=0): already one line
+                raise DatasetError(_worker_error_line(e)) from None
             # non_blocking pairs with pin_memory: the copy overlaps the next batch's work on CUDA
             yield (x.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
                    y.to(self.device, non_blocking=True), idx)
+
+
+def _worker_error_line(e: BaseException) -> str:
+    """The one line of an exception re-raised from a DataLoader worker.
+
+    torch re-raises a worker's exception in the main process with the worker's whole traceback as its message
+    ("Caught DatasetError in DataLoader worker process 0. Original Traceback ...", ending with
+    ``fastlesion.errors.DatasetError: <line>``): keep the last line, without the exception's type name.
+    """
+    text = str(e).strip()
+    if not text:
+        return repr(e)
+    last = text.splitlines()[-1].strip()
+    return last.split("DatasetError: ", 1)[-1]

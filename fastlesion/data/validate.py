@@ -4,13 +4,18 @@ NVIDIA DALI aborts the whole pipeline on one corrupt file, hours into training. 
 image up front (in parallel, with a progress bar), writes ``check_report.csv`` (one row per problem) and
 ``exclude.txt`` (one path a line), which training honours through the config option ``data.exclude_file``.
 
-Problems (:data:`PROBLEMS`), decided with PIL and the raw bytes only:
+Problems (:data:`PROBLEMS`), decided from the raw bytes, PIL's header parse and one strict full decode
+(:func:`strict_decode`: libjpeg-turbo through torchvision, its warnings treated as errors; PIL's ``load()`` where
+that decoder is unavailable or fails):
 
 * ``missing``   — listed by the dataset but not on disk;
 * ``empty``     — 0 bytes;
 * ``not_jpeg``  — does not start with the JPEG SOI marker ``FF D8 FF`` (the detail names what it is: png, gif, ...);
-* ``truncated`` — the data ends before the EOI marker ``FF D9`` (or inside the headers), or PIL reports truncation;
-* ``corrupt``   — an invalid marker structure, or PIL cannot open or fully decode it for any other reason;
+* ``truncated`` — the data ends before the EOI marker ``FF D9`` (or inside the headers), or the decoder reports
+  truncation ("Premature end of JPEG file");
+* ``corrupt``   — an invalid marker structure, PIL cannot open it, it cannot be fully decoded, or libjpeg-turbo
+  *warns* while decoding it (corrupt scan data, e.g. "Corrupt JPEG data: 49 extraneous bytes before marker 0xd9",
+  "bad Huffman code"): such a file still decodes, to wrong pixels, in PIL and in DALI, so it is excluded too;
 * ``cmyk``      — mode CMYK (Adobe CMYK/YCCK JPEGs);
 * ``grayscale`` — mode L, LA, 1, I or F;
 * ``duplicate`` — the same bytes (sha1) as an earlier file in sorted path order; the detail names that first copy.
@@ -27,13 +32,17 @@ Example:
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
+import functools
 import hashlib
 import io
 import multiprocessing
 import os
+import sys
+import tempfile
 import time
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,6 +90,95 @@ _MAGIC: tuple[tuple[int, bytes, str], ...] = (
 )
 _FTYP: dict[bytes, str] = {b"heic": "heic", b"heix": "heic", b"mif1": "heif", b"msf1": "heif", b"avif": "avif",
                            b"avis": "avif"}
+
+
+# ----------------------------------------------------------------------------------------------- strict decode
+class _Captured:
+    text = ""
+
+
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[_Captured]:
+    """Capture what C libraries write to file descriptor 2 (libjpeg's warnings, DALI's log) during the block.
+
+    The text is in the yielded object's ``text`` after the block; nothing of it reaches the terminal. Python's
+    ``sys.stderr`` is flushed first, so nothing written before the block is captured.
+    """
+    captured = _Captured()
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr at all (closed by a daemon): nothing to capture
+        yield captured
+        return
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                yield captured
+            finally:
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                captured.text = tmp.read().decode("utf-8", errors="replace")
+    finally:
+        os.close(saved)
+
+
+@functools.cache
+def _strict_decoder() -> Callable[[bytes], Any] | None:
+    """torchvision's libjpeg-turbo JPEG decoder (None where it is unavailable): it prints libjpeg's warnings to
+    stderr (see :func:`strict_decode`) where PIL swallows them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            import torch
+            from torchvision.io import ImageReadMode, decode_jpeg
+    except Exception:  # noqa: BLE001 - no torchvision image support: PIL's decode only
+        return None
+
+    def decode(data: bytes) -> Any:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torchvision's deprecation notice of its image decoders
+            return decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=ImageReadMode.UNCHANGED)
+
+    return decode
+
+
+def strict_decode(data: bytes) -> tuple[str, str] | None:
+    """Fully decode JPEG ``data`` with libjpeg-turbo, treating its warnings as errors.
+
+    libjpeg-turbo (behind PIL, torchvision and DALI's CPU decoder) only *warns* about damaged entropy-coded data
+    ("Corrupt JPEG data: N extraneous bytes before marker 0xd9", "bad Huffman code", "Premature end of JPEG
+    file") and returns an image with wrong pixels; PIL drops the warning, DALI prints it without the file name.
+    Here the decoder's stderr is captured and any warning makes the file bad.
+
+    Returns:
+        None when the data decodes cleanly (or no strict decoder is available); ``("decode_error", message)``
+        when the decoder fails outright (the caller classifies it with PIL); ``(problem, detail)`` with problem
+        ``truncated`` or ``corrupt`` when it decodes with a warning.
+    """
+    decode = _strict_decoder()
+    if decode is None:
+        return None
+    with captured_stderr() as err:
+        try:
+            decode(data)
+        except Exception as e:  # noqa: BLE001 - any decoder failure
+            failure: BaseException | None = e
+        else:
+            failure = None
+    if failure is not None:  # "decode_jpeg, /path/decode_jpeg.cpp:171, Image is incomplete or truncated"
+        return "decode_error", _clip(" ".join(str(failure).split()).rsplit(".cpp:", 1)[-1].split(", ", 1)[-1])
+    text = " ".join(err.text.split())
+    if not text:
+        return None
+    problem = "truncated" if "premature end" in text.lower() else "corrupt"
+    return problem, _clip(f"libjpeg warns '{text}' (it decodes, to wrong pixels)")
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------------- one file
@@ -200,12 +298,22 @@ def _inspect_into(path: str, info: dict[str, Any]) -> None:
                 if structural is not None:  # already known bad: metadata only, no decode
                     problems.append(structural)
                     return
-                try:
-                    img.load()
-                except Exception as e:  # noqa: BLE001
-                    problem = "truncated" if "truncat" in str(e).lower() else "corrupt"
-                    problems.append((problem, f"PIL cannot decode it: {_one_line(e)}"))
+                strict = strict_decode(data)  # the bytes start like a JPEG (structural is None)
+                if strict is not None and strict[0] != "decode_error":
+                    problems.append(strict)  # decodes, with a libjpeg warning: wrong pixels
                     return
+                if strict is None and _strict_decoder() is not None:
+                    pass  # decoded cleanly by libjpeg-turbo: no second full decode by PIL
+                else:
+                    try:
+                        img.load()
+                    except Exception as e:  # noqa: BLE001
+                        problem = "truncated" if "truncat" in str(e).lower() else "corrupt"
+                        problems.append((problem, f"PIL cannot decode it: {_one_line(e)}"))
+                        return
+                    if strict is not None:  # PIL decodes what libjpeg-turbo (as in DALI) refuses
+                        problems.append(("corrupt", _clip(f"libjpeg-turbo cannot decode it: {strict[1]}")))
+                        return
     finally:
         ImageFile.LOAD_TRUNCATED_IMAGES = saved
     if info["mode"] in _CMYK_MODES:
@@ -318,6 +426,7 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
 def _check(paths: Sequence[str], workers: int, progress: bool) -> tuple[pd.DataFrame, int]:
     """Report rows and number of distinct files checked."""
     unique = sorted(_unique(paths))
+    _strict_decoder()  # imported once here, before worker processes are forked
     if workers <= 0:
         workers = os.cpu_count() or 1
     if workers > 1 and len(unique) > PARALLEL_MIN_FILES:
