@@ -19,6 +19,9 @@ import pandas as pd
 
 from fastlesion.errors import FastlesionError
 
+PLOT_FILES = ("curves.png", "roc.png", "pr.png", "confusion.png")
+"""The figures a run draws into ``RUN/plots/`` (the trackers log these, ``--overwrite`` deletes these)."""
+
 #: Columns of :func:`compare_runs`, in order.
 COMPARISON_COLUMNS = ["run", "model", "params", "best_val_auc", "best_val_accuracy", "best_val_f1", "best_epoch",
                       "epochs_run", "epoch_seconds", "images_per_s"]
@@ -137,6 +140,39 @@ def plot_roc(y_true: np.ndarray, probs: np.ndarray, class_names: list[str] | Non
     ax.set_aspect("equal")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
+    return _save(fig, out_png)
+
+
+# --------------------------------------------------------------------------------------------------- PR
+def plot_pr(y_true: np.ndarray, probs: np.ndarray, class_names: list[str] | None, out_png: str | Path) -> Path:
+    """Precision-recall curves with the average precision (PR-AUC) in the legend and each class's prevalence as a
+    dotted line (what a random ranking gets): the positive class for a binary problem, one one-vs-rest curve per
+    class otherwise (classes absent from ``y_true``, or alone in it, have no curve; the figure then says so).
+
+    Args:
+        y_true: integer labels ``[N]``.
+        probs: class probabilities ``[N, C]``.
+        class_names: ``C`` names for the legend (None: ``0..C-1``).
+        out_png: the PNG to write.
+    """
+    from fastlesion.metrics import average_precision, pr_points
+
+    curves = pr_points(y_true, probs, class_names)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 5))
+    for name, (recall, precision, ap, prevalence) in curves.items():
+        line = ax.step(recall, precision, where="post", linewidth=1.6, label=f"{name} (AP {ap:.3f})")[0]
+        ax.axhline(prevalence, linestyle=":", linewidth=1, color=line.get_color())
+    title = "precision-recall"
+    if not curves:
+        ax.text(0.5, 0.5, "PR curve undefined: y_true has a single class", ha="center", va="center", fontsize=9)
+    elif len(curves) > 1:
+        title = f"precision-recall one-vs-rest, macro AP {average_precision(y_true, probs):.3f}"
+    ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall (sensitivity)", ylabel="precision (PPV)", title=title)
+    ax.set_aspect("equal")
+    ax.grid(alpha=0.3)
+    if curves:
+        ax.legend(fontsize=8, loc="lower left")
     return _save(fig, out_png)
 
 

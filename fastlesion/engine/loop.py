@@ -87,7 +87,7 @@ def train_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer: torch.o
                 scaler: torch.amp.GradScaler, rt: Runtime, epoch: int, *, accum: int = 1,
                 clip_grad: float | None = None, max_steps: int | None = None,
                 on_optimizer_step: Callable[[], None] | None = None, progress=None, check_every: int = 10,
-                world_size: int = 1) -> EpochResult:
+                world_size: int = 1, on_loss: Callable[[float], None] | None = None) -> EpochResult:
     """Train for one epoch (or ``max_steps`` batches).
 
     Args:
@@ -95,6 +95,7 @@ def train_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer: torch.o
         progress: an object with ``advance(n_images, loss_or_None)`` (the rich bar) or None.
         check_every: steps between loss reads (the only sync points of the loop besides the optimizer's).
         world_size: DDP world size, to report images across all ranks.
+        on_loss: called at every loss read with the mean loss since the previous read (TensorBoard's step scalars).
     """
     model.train()
     steps = len(loader) if max_steps is None else min(len(loader), max_steps)
@@ -119,10 +120,13 @@ def train_epoch(model: nn.Module, loader, loss_fn: nn.Module, optimizer: torch.o
         if (i + 1) % check_every == 0 or i + 1 == steps:
             window = losses[window_start:]
             _check_finite(window, window_start, epoch)
-            total += float(torch.stack(window).float().sum())
+            window_sum = float(torch.stack(window).float().sum())
+            total += window_sum
             window_start = len(losses)
             if progress is not None:
                 progress.advance(i + 1, images * world_size, total / len(losses))
+            if on_loss is not None:
+                on_loss(window_sum / len(window))
         t_data = time.perf_counter()
     if rt.device.type == "cuda":
         torch.cuda.synchronize()

@@ -1,13 +1,16 @@
 """The run folder: every file a training run leaves, and every line it prints, goes through :class:`RunDir`::
 
-    config.yaml  metrics.csv  best.pt  last.pt  predictions_val.csv  plots/*.png  summary.json
+    config.yaml  metrics.csv  metrics_per_class.csv  best.pt  last.pt  predictions_val.csv  plots/*.png
+    summary.json  tb/
 
 Only rank 0 writes and prints. Other ranks hold an inactive :class:`RunDir` whose methods do nothing (a no-op
 switch, as nanoGPT's ``nullcontext``), so the epoch loop never asks which rank it runs on. The folder is made, locked
 for the one live run that owns it (``.lock``: a second run on it is refused, naming the owner's pid), and an existing
 run refused or replaced (only the files a run writes are deleted) by :meth:`RunDir.prepare` before any worker
 starts; :meth:`RunDir.release` unlocks it when the run ends. A resume is checked against the run's own
-``config.yaml`` by :func:`check_resume`.
+``config.yaml`` by :func:`check_resume`. TensorBoard (``tb/``) and MLflow are told through the run's
+:class:`~fastlesion.engine.tracking.Tracker`, which :class:`RunDir` owns and calls from ``start`` / ``record`` /
+``finish`` (and :meth:`RunDir.step_hook` at the loop's loss reads).
 """
 
 from __future__ import annotations
@@ -32,16 +35,21 @@ from fastlesion.engine import checkpoint as ckpt
 from fastlesion.engine.loop import EvalResult
 from fastlesion.engine.progress import console, epoch_line
 from fastlesion.engine.state import Session, checkpoint_state
+from fastlesion.engine.tracking import TB_DIR, Tracker, check_trackers, make_tracker
 from fastlesion.errors import FastlesionError
-from fastlesion.metrics import VAL_METRICS
+from fastlesion.metrics import VAL_METRICS, per_class_columns
+from fastlesion.report import PLOT_FILES
 
 METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", *VAL_METRICS, "lr", "epoch_seconds", "train_seconds",
                   "val_seconds", "data_seconds", "images_per_s", "steps"]
-"""The columns of ``metrics.csv``, in order."""
+"""The columns of ``metrics.csv``, in order: the same for every dataset. The per-class columns, which depend on
+the class names (``val_recall_mel``, ...: :func:`fastlesion.metrics.per_class_columns`), go to
+``metrics_per_class.csv`` (``epoch`` first), one row per epoch as well."""
 RUN_MARKERS = ("last.pt", "best.pt", "metrics.csv", "summary.json")  # a folder with these holds a run
-RUN_FILES = ("config.yaml", "metrics.csv", "best.pt", "last.pt", "predictions_val.csv", "summary.json")
-PLOT_FILES = ("curves.png", "roc.png", "confusion.png")
-"""The files a run writes (plots under ``plots/``): ``--overwrite`` deletes these and nothing else."""
+RUN_FILES = ("config.yaml", "metrics.csv", "metrics_per_class.csv", "best.pt", "last.pt", "predictions_val.csv",
+             "summary.json")
+"""The files a run writes (plots under ``plots/``, TensorBoard's ``events.out.tfevents.*`` under ``tb/``):
+``--overwrite`` deletes these and nothing else."""
 LOCK_FILE = ".lock"
 """Held (``flock``) by the live run that owns the folder; says its pid, host and start time."""
 RESUME_MAY_CHANGE = ("train.epochs", "train.patience", "train.ddp", "train.device", "train.compile",
@@ -62,6 +70,7 @@ def default_out(cfg: Config) -> Path:
 def prepare_run_dir(cfg: Config, resume: bool) -> Path:
     """Create the run folder and lock it for this process (:func:`release_run_dir` unlocks it); refuse a folder
     that another live run holds, or that holds a different run unless resuming or overwriting."""
+    check_trackers(cfg)  # a tracker's missing package is one line now, not a failure after the first epoch
     out = Path(cfg.run.out) if cfg.run.out else default_out(cfg)
     if out.exists() and not out.is_dir():
         raise FastlesionError(f"{out}: is a file, not a run folder; choose another --out")
@@ -86,12 +95,15 @@ def prepare_run_dir(cfg: Config, resume: bool) -> Path:
 
 def remove_run_files(out: Path) -> None:
     """``--overwrite``: delete the files a run writes (:data:`RUN_FILES`, :data:`PLOT_FILES` and their temp files),
-    nothing else; ``plots/`` goes only when that leaves it empty."""
+    TensorBoard's event files, nothing else; ``plots/`` and ``tb/`` go only when that leaves them empty."""
     names = [*RUN_FILES, *(f"plots/{p}" for p in PLOT_FILES)]
     for name in names + [n + ".tmp" for n in names]:
         (out / name).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):  # not empty (the user's own files), or not there
-        (out / "plots").rmdir()
+    for events in (out / TB_DIR).glob("events.out.tfevents.*"):
+        events.unlink(missing_ok=True)
+    for folder in ("plots", TB_DIR):
+        with contextlib.suppress(OSError):  # not empty (the user's own files), or not there
+            (out / folder).rmdir()
 
 
 # --------------------------------------------------------------------------------------------------- the lock
@@ -139,13 +151,19 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- file forms
-def write_metrics_csv(out: Path, rows: list[dict]) -> None:
-    tmp = out / "metrics.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=METRIC_COLUMNS, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, out / "metrics.csv")
+def write_metrics_csv(out: Path, rows: list[dict], classes: list[str] | None = None) -> None:
+    """``metrics.csv`` (:data:`METRIC_COLUMNS`) and, given the class names, ``metrics_per_class.csv`` (``epoch`` and
+    the per-class columns; a row of a run from before they existed leaves its cells empty)."""
+    files = [("metrics.csv", METRIC_COLUMNS)]
+    if classes is not None:
+        files.append(("metrics_per_class.csv", ["epoch", *per_class_columns(classes)]))
+    for name, columns in files:
+        tmp = out / f"{name}.tmp"
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+        os.replace(tmp, out / name)
 
 
 def predictions_frame(table: pd.DataFrame, res: EvalResult, classes: list[str]) -> pd.DataFrame:
@@ -173,7 +191,8 @@ def roc_from_predictions(csv_path: Path, classes: list[str]) -> tuple[np.ndarray
 
 def write_plots(out: Path, roc: tuple[np.ndarray, np.ndarray] | None, classes: list[str],
                 confusion: list | None) -> None:
-    """``plots/``: curves.png; roc.png from the best epoch's (labels, probs); confusion.png from its matrix."""
+    """``plots/``: curves.png; roc.png and pr.png from the best epoch's (labels, probs); confusion.png from its
+    matrix."""
     from fastlesion import report
 
     plots = out / "plots"
@@ -181,13 +200,15 @@ def write_plots(out: Path, roc: tuple[np.ndarray, np.ndarray] | None, classes: l
     report.plot_curves(out / "metrics.csv", plots / "curves.png")
     if roc is not None and len(np.unique(roc[0])) > 1:
         report.plot_roc(roc[0], roc[1], classes, plots / "roc.png")
+        report.plot_pr(roc[0], roc[1], classes, plots / "pr.png")
     if confusion is not None:
         report.plot_confusion(confusion, classes, plots / "confusion.png")
 
 
 def summarize(s: Session, run_dir: Path, stopped_early: bool, best_metrics: dict,
               train_seconds: float) -> dict[str, Any]:
-    """``summary.json``: the best epoch's metrics, throughput (first epoch left out), and what ran where."""
+    """``summary.json``: the best epoch's metrics (every ``val_*`` column of metrics.csv and
+    metrics_per_class.csv, NaN where its row lacks one), throughput (first epoch left out), and what ran where."""
     rows, cfg, split = s.rows, s.cfg, s.data.split
     steady = rows[1:] if len(rows) > 1 else rows  # the first epoch includes compilation and warm-up
     best_row = next((r for r in rows if r["epoch"] == s.early.best_epoch), rows[-1])
@@ -206,6 +227,7 @@ def summarize(s: Session, run_dir: Path, stopped_early: bool, best_metrics: dict
         "compile": s.rt.compile, "channels_last": s.rt.channels_last, "loader": s.train_loader.backend,
         "loader_device": s.train_loader.device_name, "folds_file": str(split.folds_file),
         "confusion": best_metrics.get("confusion"), "run_dir": str(run_dir),
+        **{k: best_row.get(k, float("nan")) for k in (*VAL_METRICS, *per_class_columns(s.classes))},
     }
 
 
@@ -222,7 +244,8 @@ def oversample_line(loader: Any, classes: list[str]) -> str:
 # --------------------------------------------------------------------------------------------------- the object
 class RunDir:
     """Rank 0's view of the run folder: writes checkpoints, metrics, predictions, plots and the summary, prints the
-    run's lines and calls the ``report`` callback. Inactive (``active=False``) on every other rank.
+    run's lines, tells the trackers (TensorBoard, MLflow) and calls the ``report`` callback. Inactive
+    (``active=False``) on every other rank. Used as a context manager, it closes the trackers however the run ends.
 
     Args:
         path: the run folder (already made by :meth:`prepare`).
@@ -239,6 +262,14 @@ class RunDir:
         self.path, self.active, self.report, self.quiet = Path(path), active, report, quiet
         self.best_metrics: dict = {}  # metrics (with the confusion matrix) of the best epoch seen by this process
         self.best_roc: tuple[np.ndarray, np.ndarray] | None = None  # the best epoch's validation labels, probs
+        self.tracker = Tracker()  # the no-op one until start (and on other ranks)
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, exc_type: Any, *exc: Any) -> None:
+        self.tracker.close("FINISHED" if exc_type is None else
+                           "KILLED" if issubclass(exc_type, KeyboardInterrupt) else "FAILED")
 
     @property
     def shows_progress(self) -> bool:
@@ -248,9 +279,18 @@ class RunDir:
         if self.active:
             console.print(text)
 
+    def step_hook(self, s: Session) -> Callable[[float], None] | None:
+        """The loop's ``on_loss`` callback (a loss read: the mean loss since the previous one), or None when no
+        tracker wants it (then the loop calls nothing)."""
+        tracker = self.tracker
+        if not (self.active and tracker.wants_steps):
+            return None
+        return lambda loss: tracker.step(s.global_step, loss, s.current_lr())
+
     def start(self, s: Session, resumed: bool) -> None:
-        """Write the resolved ``config.yaml`` (only now: a failed resume leaves the run's own as it was) and print
-        what runs where. Call after the first epoch's order is drawn, so the oversampling line shows its ratio."""
+        """Write the resolved ``config.yaml`` (only now: a failed resume leaves the run's own as it was), print
+        what runs where and start the trackers. Call after the first epoch's order is drawn, so the oversampling
+        line shows its ratio."""
         if not self.active:
             return
         if resumed:
@@ -263,6 +303,8 @@ class RunDir:
                       f"({loader.device_name}) world={s.info.world_size} -> {self.path}")
         if cfg.loader.oversample:
             console.print(oversample_line(loader, s.classes))
+        self.tracker = make_tracker(cfg, self.path)
+        self.tracker.start(s, resumed)
 
     def record(self, s: Session, row: dict[str, Any], metrics: dict[str, Any], res: EvalResult,
                improved: bool) -> None:
@@ -278,13 +320,14 @@ class RunDir:
                 predictions_frame(s.data.split.val, res, s.classes).to_csv(self.path / "predictions_val.csv",
                                                                            index=False)
         ckpt.save_atomic(checkpoint_state(s, metrics), self.path / "last.pt")
-        write_metrics_csv(self.path, s.rows)
+        write_metrics_csv(self.path, s.rows, s.classes)
+        self.tracker.epoch(row["epoch"], row)  # after last.pt: a resume never repeats an epoch it logged
         console.print(epoch_line(row, s.cfg.train.epochs, improved))
         if self.report is not None:
             self.report(dict(row, best_value=s.early.best, best_epoch=s.early.best_epoch), self.path)
 
     def finish(self, s: Session, stopped_early: bool, train_seconds: float) -> dict[str, Any]:
-        """Plots and ``summary.json``; returns the summary (``{}`` on other ranks)."""
+        """Plots, ``summary.json`` and the trackers' end; returns the summary (``{}`` on other ranks)."""
         if not self.active:
             return {}
         best_metrics, roc = self.best_metrics, self.best_roc
@@ -299,6 +342,8 @@ class RunDir:
         if s.cfg.run.plots:
             write_plots(self.path, roc, s.classes, best_metrics.get("confusion"))
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+        self.tracker.finish(s, summary, self.path)
+        self.tracker.close()
         console.print(f"best {s.cfg.train.early_stop_metric} {s.early.best:.4f} at epoch {s.early.best_epoch}; "
                       f"val_auc {summary['val_auc']:.4f}  val_accuracy {summary['val_accuracy']:.4f}; "
                       f"run folder {self.path}")

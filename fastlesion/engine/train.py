@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,16 @@ def prepare_data(cfg: Config) -> TrainData:
 
 
 # --------------------------------------------------------------------------------------------------- one process
-def build_session(cfg: Config, info: dist.DistInfo, rt: Runtime, data: TrainData) -> Session:
-    """Model, EMA, loaders, optimizer, scaler, loss and schedule state of one process."""
+def build_session(cfg: Config, info: dist.DistInfo, rt: Runtime, data: TrainData, resume: bool = False) -> Session:
+    """Model, EMA, loaders, optimizer, scaler, loss and schedule state of one process (``resume``: the starting
+    weights are not loaded, last.pt replaces them)."""
     from fastlesion.models import count_params, create_model
 
     seed_everything(cfg.train.seed)  # before create_model: the initial weights are the seed's
-    raw = create_model(cfg.model.name, num_classes=data.ds.num_classes, drop_rate=cfg.model.drop_rate,
-                       drop_path_rate=cfg.model.drop_path_rate, pretrained_path=cfg.model.pretrained_path)
+    m = cfg.model
+    raw = create_model(m.name, num_classes=data.ds.num_classes, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
+                       pretrained_path=None if resume else m.pretrained_path, pretrained=m.pretrained and not resume,
+                       pretrained_strict=m.pretrained_strict)
     net = wrap_model(raw, rt, ddp=info.enabled)
     shard = {"rank": info.rank, "world_size": info.world_size, "device": rt.device, "channels_last": rt.channels_last}
     train_loader = build_loader(data.split.train, cfg.loader, cfg.data.image_size, train=True, **shard)
@@ -71,18 +75,21 @@ def build_session(cfg: Config, info: dist.DistInfo, rt: Runtime, data: TrainData
     steps = len(train_loader) if cfg.train.steps_per_epoch is None else min(len(train_loader),
                                                                             cfg.train.steps_per_epoch)
     mode = early_stop_mode(cfg)
-    return Session(cfg=cfg, info=info, rt=rt, data=data, net=net, optimizer=create_optimizer(net.raw, cfg.optim),
+    optimizer = create_optimizer(net.raw, cfg.optim, fine_tune=m.freeze_epochs > 0)
+    return Session(cfg=cfg, info=info, rt=rt, data=data, net=net, optimizer=optimizer,
                    scaler=rt.grad_scaler(), loss_fn=create_loss(cfg.optim, train_loader.labels,
                                                                 data.ds.num_classes).to(rt.device),
                    train_loader=train_loader, val_loader=val_loader, steps_per_epoch=steps,
                    ema=ckpt.Ema(net.raw, cfg.optim.ema_decay) if cfg.optim.ema else None,
                    plateau=Plateau(mode, cfg.optim.plateau_patience, cfg.optim.gamma),
-                   early=EarlyStop(mode, cfg.train.patience), params=count_params(net.raw))
+                   early=EarlyStop(mode, cfg.train.patience, min_delta=cfg.train.min_delta),
+                   params=count_params(net.raw))
 
 
-def train_one_epoch(s: Session, epoch: int, progress: EpochBar) -> EpochResult:
+def train_one_epoch(s: Session, epoch: int, progress: EpochBar,
+                    on_loss: Callable[[float], None] | None = None) -> EpochResult:
     """:func:`~fastlesion.engine.loop.train_epoch` with the run's settings; after every optimizer step the next lr
-    is set and the EMA updated."""
+    is set and the EMA updated; ``on_loss`` gets the loss at the loop's loss reads (:meth:`RunDir.step_hook`)."""
     def after_step() -> None:
         s.global_step += 1
         set_lr(s.optimizer, s.current_lr())
@@ -91,7 +98,8 @@ def train_one_epoch(s: Session, epoch: int, progress: EpochBar) -> EpochResult:
 
     return train_epoch(s.net.model, s.train_loader, s.loss_fn, s.optimizer, s.scaler, s.rt, epoch,
                        accum=s.cfg.optim.grad_accum, clip_grad=s.cfg.optim.clip_grad, max_steps=s.steps_per_epoch,
-                       on_optimizer_step=after_step, progress=progress, world_size=s.info.world_size)
+                       on_optimizer_step=after_step, progress=progress, world_size=s.info.world_size,
+                       on_loss=on_loss)
 
 
 def epoch_row(s: Session, epoch: int, lr: float, tr: EpochResult, res: EvalResult,
@@ -100,13 +108,14 @@ def epoch_row(s: Session, epoch: int, lr: float, tr: EpochResult, res: EvalResul
 
     Refuses a diverged model (NaN/inf validation loss) before anything could save it as best.pt or last.pt.
     """
-    from fastlesion.metrics import classification_metrics
+    from fastlesion.metrics import classification_metrics, per_class_metrics
 
     m = classification_metrics(res.labels, res.probs, s.classes)
     row = {"epoch": epoch, "train_loss": tr.loss, "val_loss": res.loss, "lr": lr,
            **{f"val_{k}": v for k, v in m.items() if k not in ("confusion", "n")},
            "epoch_seconds": seconds, "train_seconds": tr.seconds, "val_seconds": res.seconds,
-           "data_seconds": tr.data_seconds, "images_per_s": tr.images / max(tr.seconds, 1e-9), "steps": tr.steps}
+           "data_seconds": tr.data_seconds, "images_per_s": tr.images / max(tr.seconds, 1e-9), "steps": tr.steps,
+           **{f"val_{k}": v for k, v in per_class_metrics(res.labels, res.probs, s.classes).items()}}
     if not math.isfinite(res.loss):
         kept = f"last.pt holds the last good epoch ({s.epoch})" if s.epoch else "no checkpoint was written"
         raise NonFiniteLossError(f"validation loss is {res.loss} at epoch {epoch}: the weights diverged; stopped "
@@ -128,9 +137,10 @@ def fit(s: Session, run: RunDir, resumed: bool = False) -> dict[str, Any]:
     s.start_clock()  # train_seconds adds to the time a resumed run's last.pt recorded
     for epoch in range(s.epoch + 1, cfg.train.epochs + 1):
         s.train_loader.set_epoch(epoch)
+        s.freeze_for(epoch)  # model.freeze_epochs: the head alone first, then the whole model
         lr, t0 = s.current_lr(), time.perf_counter()
         with EpochBar(epoch, cfg.train.epochs, s.steps_per_epoch, enabled=run.shows_progress) as bar:
-            tr = train_one_epoch(s, epoch, bar)
+            tr = train_one_epoch(s, epoch, bar, run.step_hook(s))
         res = evaluate(s.ema.module if s.ema else s.net.eval_model, s.val_loader, s.rt)  # all ranks, each image once
         row, m = epoch_row(s, epoch, lr, tr, res, time.perf_counter() - t0)
         improved = s.early.update(float(row[metric]), epoch)
@@ -166,11 +176,11 @@ def run_worker(cfg: Config, data: TrainData | None = None, resume: bool = False,
         out = cfg.run.out if prepared else dist.on_main(info, lambda: str(RunDir.prepare(cfg, resume)))
         owned = None if prepared else out
         cfg = replace(cfg, **{"run.out": str(out)})
-        run = RunDir(out, active=info.is_main, report=report, quiet=cfg.run.quiet)
-        s = build_session(cfg, info, rt, data)
-        if resume:
-            restore(s, ckpt.load(run.path / "last.pt"))
-        return fit(s, run, resumed=resume)
+        with RunDir(out, active=info.is_main, report=report, quiet=cfg.run.quiet) as run:  # closes the trackers
+            s = build_session(cfg, info, rt, data, resume=resume)
+            if resume:
+                restore(s, ckpt.load(run.path / "last.pt"))
+            return fit(s, run, resumed=resume)
     finally:
         RunDir.release(owned)
         dist.teardown()

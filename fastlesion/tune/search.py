@@ -53,10 +53,16 @@ def _tuner_parts(setup: dict[str, Any]) -> tuple[Any, Any]:
     # one checkpoint per trial epoch with num_to_keep=1 is the design (ASHA pauses/resumes at epochs): Ray's
     # "snapshotting triggered multiple times" warning about it is noise here
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # every trial's run folder has TensorBoard files of its own (run/tb, with the HParams of the whole config):
+    # Ray's automatic TensorBoard logger would show each trial twice and take over the HParams tab, so only its
+    # CSV and JSON loggers are kept (result.json is what the results are read from)
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     exp = Path(setup["experiment_dir"])
     run_config = tune.RunConfig(
         name=exp.name, storage_path=str(exp.parent), verbose=s.ray_verbose,
-        callbacks=[TrialLines(s.max_t, list(setup["space"]))],
+        callbacks=[TrialLines(s.max_t, list(setup["space"])), CSVLoggerCallback(), JsonLoggerCallback()],
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     return trainable, run_config
