@@ -198,6 +198,28 @@ def cmd_compare(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.export import export_checkpoint
+
+    r = export_checkpoint(args.checkpoint, args.format, out=args.out, atol=args.atol, n_check=args.n, opset=args.opset)
+    extra_files = "".join(f", {f}" for f in r.extra_files)
+    print(f"wrote {r.path}{extra_files} ({r.format}, {r.metadata['model_name']}, input [N, 3, "
+          f"{r.metadata['image_size']}, {r.metadata['image_size']}] RGB in [0, 1], normalised inside) and {r.sidecar}")
+    print(f"check: {r.backend} vs PyTorch on {r.inputs}: max |diff| of the probabilities {r.max_abs_diff:.3g} "
+          f"(bound {r.atol:g}): ok")
+    return 0
+
+
+def cmd_explain(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.explain import explain
+
+    index = explain(args.checkpoint, args.images, out=args.out, method=args.method, split=args.split, n=args.n,
+                    target_class=args.target_class, overrides=_dotted(extra))
+    print(f"wrote {len(index)} {args.method} map{'' if len(index) == 1 else 's'} (layer {index.attrs['layer']}) "
+          f"and {Path(args.out) / 'index.csv'}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
     import yaml
 
@@ -288,6 +310,27 @@ def make_parser() -> argparse.ArgumentParser:
     co.add_argument("runs", nargs="+", metavar="RUN_DIR")
     co.add_argument("--out", default="comparison", help="output folder")
     co.set_defaults(fn=cmd_compare)
+
+    ex = sub.add_parser("export", help="export a checkpoint to ONNX or TorchScript, checked against PyTorch")
+    ex.add_argument("checkpoint")
+    ex.add_argument("--format", choices=["onnx", "torchscript"], default="onnx")
+    ex.add_argument("--out", help="model file (default: next to the checkpoint, best.onnx / best.torchscript.pt); "
+                                  "the metadata also goes to a JSON sidecar (model.onnx -> model.json)")
+    ex.add_argument("--atol", type=float, default=1e-4, help="bound on the max abs difference of the probabilities")
+    ex.add_argument("--n", type=int, default=8, help="validation images the check runs")
+    ex.add_argument("--opset", type=int, help="ONNX opset (default: the exporter's)")
+    ex.set_defaults(fn=cmd_export)
+
+    xp = sub.add_parser("explain", help="class-activation maps (Grad-CAM, Grad-CAM++, Score-CAM) as PNGs")
+    xp.add_argument("checkpoint")
+    xp.add_argument("images", nargs="*", metavar="IMAGE_OR_DIR", help="image files and/or folders")
+    xp.add_argument("--out", default="explain", help="output folder (PNGs and index.csv)")
+    xp.add_argument("--method", choices=["gradcam", "gradcam++", "scorecam"], default="gradcam")
+    xp.add_argument("--split", choices=["val", "test", "all"],
+                    help="instead of images: the --n images of this split with the highest loss (val: its fold)")
+    xp.add_argument("--n", type=int, default=16, help="images of --split")
+    xp.add_argument("--class", dest="target_class", help="class to explain (default: the predicted one)")
+    xp.set_defaults(fn=cmd_explain)
 
     cf = sub.add_parser("config", help="print the resolved config (or --reference: every key)")
     add_config_args(cf)
