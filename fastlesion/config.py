@@ -41,6 +41,35 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 
 DATASET_KINDS = ("synthetic", "isic2020", "ham10000", "csv", "folder")
+CLASS_MAP_PRESETS: dict[str, dict[str, str]] = {
+    "ham3": {"mel": "mel", "nv": "nv", "*": "other"},
+}
+"""``data.class_map`` presets: ``ham3`` is the HAM10000 three-class study (melanoma, nevus, everything else)."""
+CATCH_ALL = "*"
+"""The ``data.class_map`` key that maps every source label the mapping does not name."""
+
+
+def check_class_map(value: dict[str, str] | str | None) -> dict[str, str] | None:
+    """``data.class_map`` as a plain ``{source label: class}`` dict: a preset name is expanded (so config.yaml
+    holds the mapping itself), keys and values are non-empty strings; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if value.strip() in CLASS_MAP_PRESETS:
+            return dict(CLASS_MAP_PRESETS[value.strip()])
+        if value.strip().startswith("{"):
+            raise ConfigError(f"data.class_map: cannot read {value!r} as a mapping: every source label needs a "
+                              "class, e.g. \"{akiec: other, mel: mel, '*': other}\"")
+        raise ConfigError(f"data.class_map: {value!r} is neither a preset ({', '.join(CLASS_MAP_PRESETS)}) nor a "
+                          "mapping such as \"{akiec: other, bcc: other, mel: mel, nv: nv, '*': other}\"")
+    if not isinstance(value, Mapping) or not value:
+        raise ConfigError(f"data.class_map: expected a non-empty mapping {{source label: class}}, got {value!r}")
+    out: dict[str, str] = {}
+    for k, v in value.items():
+        if not isinstance(v, (str, int)) or isinstance(v, bool) or not str(v).strip() or not str(k).strip():
+            raise ConfigError(f"data.class_map: {k!r} must map to a class name, got {v!r}")
+        out[str(k).strip()] = str(v).strip()
+    return out
 
 
 @dataclass
@@ -53,6 +82,10 @@ class DataConfig:
     path_col: str = _f("path", "csv kind: column holding the image path (relative to root, or absolute inside it)")
     label_col: str = _f("label", "csv kind: column holding the label (class name or integer)")
     group_col: str | None = _f(None, "csv kind: column holding the group (patient id) used for grouped splits")
+    class_map: dict[str, str] | str | None = _f(None, "group source labels into training classes, any dataset kind: "
+                                                "a mapping {source: class} (key '*' = every source label not "
+                                                "named) or a preset (ham3: mel, nv, other); classes in order of "
+                                                "first appearance in the mapping; None = the source classes")
     synthetic_n: int = _f(800, "synthetic kind: number of images generated on first use")
     synthetic_layout: str = _f("isic2020", "synthetic kind: layout generated (isic2020 | ham10000)")
     synthetic_size: int = _f(160, "synthetic kind: width in pixels of the generated images (>= 21)")
@@ -88,6 +121,7 @@ class DataConfig:
         if self.image_size < 8:
             raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
         _at_least("data.limit", self.limit, 1, optional=True)
+        self.class_map = check_class_map(self.class_map)
 
 
 @dataclass
@@ -150,6 +184,14 @@ class ModelConfig:
 
     name: str = _f("resnet18", "registry name (`fastlesion models` lists them): timm names, torchvision, lenet")
     pretrained_path: str | None = _f(None, "local weights file (state_dict or checkpoint); nothing is downloaded")
+    pretrained: bool = _f(False, "start from the architecture's ImageNet weights: timm through the Hugging Face hub "
+                          "cache (downloaded when online, the cached copy offline: HF_HOME, HF_HUB_OFFLINE), "
+                          "torchvision through its weights API (TORCH_HOME); excludes pretrained_path")
+    pretrained_strict: bool = _f(True, "refuse a weights file (pretrained_path) that leaves model tensors at random "
+                                 "init or holds tensors the model lacks (a classifier head of another shape is "
+                                 "always skipped); false = load what fits, warn about the rest")
+    freeze_epochs: int = _f(0, "train only the classifier head for the first N epochs, then the whole model "
+                            "(0 = never frozen)")
     drop_rate: float = _f(0.0, "dropout before the classifier")
     drop_path_rate: float = _f(0.0, "stochastic depth rate (timm models that support it)")
 
@@ -157,6 +199,10 @@ class ModelConfig:
         _finite_fields(self, "model")
         _in_range("model.drop_rate", self.drop_rate, 0, 1, hi_open=True)
         _in_range("model.drop_path_rate", self.drop_path_rate, 0, 1, hi_open=True)
+        _at_least("model.freeze_epochs", self.freeze_epochs, 0)
+        if self.pretrained and self.pretrained_path:
+            raise ConfigError(f"model.pretrained and model.pretrained_path ({self.pretrained_path}) both give the "
+                              "starting weights; set one of them (model.pretrained false to use the file)")
 
 
 @dataclass
@@ -165,6 +211,8 @@ class OptimConfig:
 
     name: str = _f("adamw", "sgd | adam | adamw | rmsprop")
     lr: float = _f(1e-3, "peak learning rate (for the global batch)")
+    backbone_lr_mult: float = _f(1.0, "learning rate of the body (every parameter but the classifier head) as a "
+                                 "fraction of the head's, in (0, 1]; the schedule scales both")
     weight_decay: float = _f(0.05, "weight decay")
     no_decay_norm_bias: bool = _f(True, "exempt normalisation weights and biases from weight decay")
     momentum: float = _f(0.9, "SGD / RMSprop momentum")
@@ -191,6 +239,7 @@ class OptimConfig:
         _choice("optim.loss", self.loss, ("ce", "weighted_ce", "focal"))
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        _in_range("optim.backbone_lr_mult", self.backbone_lr_mult, 0, 1, lo_open=True)
         _at_least("optim.weight_decay", self.weight_decay, 0)
         _in_range("optim.momentum", self.momentum, 0, 1, hi_open=True)
         for i, beta in enumerate(self.betas):
@@ -224,10 +273,12 @@ class TrainConfig:
                                 "metrics.csv")
     early_stop_mode: str = _f("auto", "auto (min for val_loss, else max) | max | min for early_stop_metric")
     patience: int = _f(5, "epochs without improvement before stopping (0 = never stop early)")
+    min_delta: float = _f(0.0, "an epoch improves on the best only when early_stop_metric beats it by more than this")
     ddp: int = _f(0, "local worker processes to start (0/1 = single process); torchrun sets its own")
     steps_per_epoch: int | None = _f(None, "cap on training steps per epoch, >= 1 (quick experiments)")
 
     def __post_init__(self) -> None:
+        _finite_fields(self, "train")
         _choice("train.device", self.device, ("auto", "cuda", "cpu"))
         _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         _choice("train.compile", self.compile, ("auto", "on", "off"))
@@ -237,6 +288,7 @@ class TrainConfig:
         if self.epochs < 1:
             raise ConfigError(f"train.epochs must be >= 1, got {self.epochs}")
         _at_least("train.patience", self.patience, 0)
+        _at_least("train.min_delta", self.min_delta, 0)
         if self.ddp < 0:
             raise ConfigError(f"train.ddp must be >= 0 (0/1 = single process), got {self.ddp}")
         _at_least("train.steps_per_epoch", self.steps_per_epoch, 1, optional=True)
@@ -251,6 +303,13 @@ class RunConfig:
     quiet: bool = _f(False, "no progress bars, one line per epoch")
     plots: bool = _f(True, "write PNG plots (curves, ROC, confusion)")
     save_predictions: bool = _f(True, "write validation predictions CSV")
+    tensorboard: bool = _f(True, "write TensorBoard event files into RUN/tb")
+    mlflow_uri: str | None = _f(None, "log to MLflow at this tracking URI (file:./mlruns, a folder, "
+                                "sqlite:///mlflow.db, http://host:5000); needs pip install 'fastlesion[mlflow]'")
+
+    def __post_init__(self) -> None:
+        if self.mlflow_uri is not None and not self.mlflow_uri.strip():
+            raise ConfigError("run.mlflow_uri must be a tracking URI or a folder (or None), got an empty string")
 
 
 @dataclass
@@ -337,7 +396,27 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
         if isinstance(value, str) and value.lower() in ("none", "null") and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(key, value, inner[0])
+        first: ConfigError | None = None
+        for option in inner:  # the first type that takes the value (``dict[str, str] | str``: a mapping, else text)
+            try:
+                return _coerce(key, value, option)
+            except ConfigError as e:
+                first = first or e
+        raise first  # type: ignore[misc]
+    if origin is dict:
+        if isinstance(value, str):
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError:
+                raise ConfigError(f"{key}: expected a mapping {{key: value}}, got {value!r}") from None
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{key}: expected a mapping {{key: value}}, got {value!r}")
+        out = {}
+        for k, v in value.items():
+            if v is None:
+                raise ConfigError(f"{key}: {k!r} maps to nothing")
+            out[_coerce(f"{key} key", k, args[0])] = _coerce(f"{key}[{k!r}]", v, args[1])
+        return out
     if origin is tuple:
         if isinstance(value, str):
             value = yaml.safe_load(value if value.startswith("[") else f"[{value}]")

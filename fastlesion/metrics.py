@@ -1,9 +1,11 @@
-"""Validation metrics from labels and class probabilities: ROC-AUC, accuracy, sensitivity/specificity, F1, confusion.
+"""Validation metrics from labels and class probabilities: ROC-AUC, accuracy, sensitivity/specificity, F1, confusion,
+average precision (PR-AUC), the ISIC 2024 partial AUC above 80 % TPR, and per-class precision/recall/F1/support.
 
 Every value is a plain float and a metric that is undefined on the given data is NaN, never an exception or a
 warning: a small validation fold without a single melanoma has no AUC, no recall and no F1 of the positive class,
-but its accuracy and specificity still mean something. Only the AUC comes from scikit-learn (``roc_auc_score``,
-``roc_curve``); the rest is counted from the confusion matrix, so no ``UndefinedMetricWarning`` is ever printed.
+but its accuracy and specificity still mean something. The threshold-free metrics come from scikit-learn
+(``roc_auc_score``, ``roc_curve``, ``average_precision_score``), only where they are defined; the rest is counted from
+the confusion matrix, so no ``UndefinedMetricWarning`` is ever printed.
 
 Binary problems (two classes) are scored on the positive class ``1`` with ``probs[:, 1] >= threshold`` as the
 prediction; problems with more classes use the argmax and macro averages.
@@ -28,7 +30,11 @@ NAN = float("nan")
 
 #: The scalar keys of :func:`classification_metrics` (``metrics.csv`` prefixes them with ``val_``).
 METRIC_KEYS = ("auc", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "f1_macro",
-               "f1_weighted")
+               "f1_weighted", "precision_weighted", "recall_weighted", "average_precision", "pauc80")
+PER_CLASS_KEYS = ("precision", "recall", "f1", "support")
+"""The per-class metrics of :func:`per_class_metrics`, keyed ``<metric>_<class column name>``."""
+PAUC_MIN_TPR = 0.8
+"""``pauc80``: the partial ROC-AUC above this true positive rate (the ISIC 2024 challenge metric)."""
 VAL_METRICS = tuple(f"val_{k}" for k in METRIC_KEYS)
 """The validation metric columns of ``metrics.csv``, in order (``val_loss`` stands before them)."""
 
@@ -138,6 +144,107 @@ def roc_points(y_true: Any, probs: Any,
     return out
 
 
+def average_precision(y_true: Any, probs: Any) -> float:
+    """Average precision (the area under the precision-recall curve, scikit-learn's ``average_precision_score``):
+    binary on ``probs[:, 1]``; for more classes the macro mean of the one-vs-rest APs over the classes that are
+    both present and not the only class present (scikit-learn's ``average='macro'`` on the binarised labels when
+    every class is present). NaN where no class qualifies: like the AUC, AP needs positives and negatives."""
+    y, p = _check(y_true, probs)
+    classes = [1] if p.shape[1] == 2 else range(p.shape[1])
+    aps = [_binary_ap(y == c, p[:, c]) for c in classes]
+    aps = [a for a in aps if not math.isnan(a)]
+    return float(np.mean(aps)) if aps else NAN
+
+
+def _binary_ap(is_pos: np.ndarray, score: np.ndarray) -> float:
+    if is_pos.all() or not is_pos.any() or not np.isfinite(score).all():
+        return NAN
+    from sklearn.metrics import average_precision_score
+
+    return float(average_precision_score(is_pos, score))
+
+
+def partial_auc_above_tpr(is_pos: Any, score: Any, min_tpr: float = PAUC_MIN_TPR) -> float:
+    """The area under the ROC curve above ``min_tpr`` (the ISIC 2024 challenge metric at ``min_tpr=0.8``), in
+    ``[0, 1 - min_tpr]``: 0.2 for a perfect ranking, 0.02 for a random one (``(1 - min_tpr)**2 / 2``).
+
+    Computed as the challenge's scoring code does: with labels and scores flipped, the partial AUC up to a false
+    positive rate of ``1 - min_tpr`` (scikit-learn ``roc_auc_score(max_fpr=...)``, whose McClish standardisation is
+    undone), which is the area between the ROC curve and the line TPR = ``min_tpr``. NaN with one class only or a
+    non-finite score.
+    """
+    is_pos = np.asarray(is_pos, dtype=bool)
+    score = np.asarray(score, dtype=np.float64)
+    if is_pos.all() or not is_pos.any() or not np.isfinite(score).all():
+        return NAN
+    from sklearn.metrics import roc_auc_score
+
+    max_fpr = 1.0 - min_tpr
+    scaled = roc_auc_score(~is_pos, -score, max_fpr=max_fpr)
+    return float(0.5 * max_fpr**2 + (max_fpr - 0.5 * max_fpr**2) / 0.5 * (scaled - 0.5))
+
+
+def pr_points(y_true: Any, probs: Any,
+              class_names: list[str] | None = None) -> dict[str, tuple[np.ndarray, np.ndarray, float, float]]:
+    """Precision-recall curves for plotting: ``{class name: (recall, precision, average precision, prevalence)}``,
+    chosen as :func:`roc_points` chooses its curves (binary: the positive class; else one per class present and
+    not alone)."""
+    y, p = _check(y_true, probs)
+    names = _names(class_names, p.shape[1])
+    out: dict[str, tuple[np.ndarray, np.ndarray, float, float]] = {}
+    for c in [1] if p.shape[1] == 2 else range(p.shape[1]):
+        ap = _binary_ap(y == c, p[:, c])
+        if math.isnan(ap):
+            continue
+        from sklearn.metrics import precision_recall_curve
+
+        precision, recall, _ = precision_recall_curve(y == c, p[:, c])
+        out[names[c]] = (recall, precision, ap, float((y == c).mean()))
+    return out
+
+
+def column_names(class_names: list[str]) -> list[str]:
+    """Class names made fit for column names: every run of characters other than letters, digits and ``_``
+    becomes ``_`` (``"Basal cell"`` -> ``Basal_cell``); an empty result is ``class<i>``; a name already taken
+    gets ``_<i>`` appended (``i`` = the class index)."""
+    import re
+
+    out: list[str] = []
+    for i, name in enumerate(class_names):
+        col = re.sub(r"[^0-9A-Za-z_]+", "_", str(name)).strip("_") or f"class{i}"
+        out.append(f"{col}_{i}" if col in out else col)
+    return out
+
+
+def per_class_columns(class_names: list[str]) -> list[str]:
+    """The ``metrics_per_class.csv`` metric columns of these classes: ``val_<metric>_<class>``, class by class."""
+    return [f"val_{k}_{c}" for c in column_names(class_names) for k in PER_CLASS_KEYS]
+
+
+def per_class_metrics(y_true: Any, probs: Any, class_names: list[str] | None = None,
+                      threshold: float = 0.5) -> dict[str, float]:
+    """Precision, recall (sensitivity), F1 and support of every class, from the predictions of
+    :func:`classification_metrics` (binary: ``probs[:, 1] >= threshold``; else the argmax).
+
+    Keys are ``<metric>_<class>`` with the class names of :func:`column_names` (``recall_mel``). Where a value is
+    undefined it is NaN, as scikit-learn's ``precision_recall_fscore_support(..., zero_division=np.nan)``:
+    precision of a class never predicted, recall of a class absent from ``y_true``, F1 of a class both absent and
+    never predicted (a class present but never predicted has F1 0). Support is the class's count in ``y_true``.
+    """
+    y, p = _check(y_true, probs)
+    num_classes = p.shape[1]
+    cols = column_names(_names(class_names, num_classes))
+    cm = confusion_matrix(y, predict(p, threshold), num_classes).astype(np.float64)
+    tp, support, predicted = np.diag(cm), cm.sum(1), cm.sum(0)
+    out: dict[str, float] = {}
+    for c, col in enumerate(cols):
+        fp, fn = predicted[c] - tp[c], support[c] - tp[c]
+        values = {"precision": _div(tp[c], predicted[c]), "recall": _div(tp[c], support[c]),
+                  "f1": _div(2 * tp[c], 2 * tp[c] + fp + fn), "support": float(support[c])}
+        out.update({f"{k}_{col}": values[k] for k in PER_CLASS_KEYS})
+    return out
+
+
 def _names(class_names: list[str] | None, num_classes: int) -> list[str]:
     if class_names is None:
         return [str(i) for i in range(num_classes)]
@@ -162,7 +269,9 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
 
     Always: accuracy, balanced accuracy (mean recall over the classes present in the labels, as
     ``balanced_accuracy_score``), ``f1_macro`` and ``f1_weighted`` (``f1_score`` with ``average='macro'`` /
-    ``'weighted'``).
+    ``'weighted'``), ``precision_weighted`` and ``recall_weighted`` (``precision_score`` / ``recall_score`` with
+    ``average='weighted', zero_division=0``: per-class values weighted by their support, a class never predicted
+    counting with precision 0; ``recall_weighted`` equals the accuracy). NaN with no samples.
     """
     cm = np.asarray(cm, dtype=np.float64)
     n = cm.sum()
@@ -193,6 +302,8 @@ def metrics_from_confusion(cm: np.ndarray) -> dict[str, float]:
                    f1=float(f1_c[seen].mean()) if seen.any() else NAN)
     out["f1_macro"] = float(f1_c[seen].mean()) if seen.any() else NAN
     out["f1_weighted"] = _div(float((np.nan_to_num(f1_c) * support).sum()), support.sum())
+    out["precision_weighted"] = _div(float((prec_c * support).sum()), support.sum())
+    out["recall_weighted"] = _div(float((rec_c * support).sum()), support.sum())
     return out
 
 
@@ -209,10 +320,12 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
 
     Returns:
         ``auc``, ``accuracy``, ``balanced_accuracy``, ``precision``, ``recall`` (sensitivity), ``specificity``,
-        ``f1``, ``f1_macro``, ``f1_weighted`` (floats, NaN where undefined — see :func:`roc_auc` and
-        :func:`metrics_from_confusion`), ``confusion`` (``C x C`` list of lists of ints, rows true, columns
-        predicted) and ``n`` (the number of samples). Never raises or warns for a single-class ``y_true`` or an
-        empty input.
+        ``f1``, ``f1_macro``, ``f1_weighted``, ``precision_weighted``, ``recall_weighted``, ``average_precision``
+        (PR-AUC), ``pauc80`` (binary only, else NaN) (floats, NaN where undefined — see :func:`roc_auc`,
+        :func:`average_precision`, :func:`partial_auc_above_tpr` and :func:`metrics_from_confusion`),
+        ``confusion`` (``C x C`` list of lists of ints, rows true, columns predicted) and ``n`` (the number of
+        samples). Per-class values are :func:`per_class_metrics`. Never raises or warns for a single-class
+        ``y_true`` or an empty input.
 
     Raises:
         FastlesionError: ``probs`` is not ``[N, C >= 2]``, ``y_true`` does not match it, a label is outside
@@ -223,7 +336,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
     if class_names is not None:
         _names(class_names, num_classes)
     cm = confusion_matrix(y, predict(p, threshold), num_classes)
-    out: dict[str, Any] = {"auc": roc_auc(y, p)}
+    out: dict[str, Any] = {"auc": roc_auc(y, p), "average_precision": average_precision(y, p),
+                           "pauc80": partial_auc_above_tpr(y == 1, p[:, 1]) if num_classes == 2 else NAN}
     out.update(metrics_from_confusion(cm))
     out = {k: out[k] for k in METRIC_KEYS}
     out["confusion"] = cm.astype(int).tolist()

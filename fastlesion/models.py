@@ -1,9 +1,13 @@
 """Model registry: curated timm names, torchvision models (``tv_`` prefix) and a small LeNet.
 
-Nothing is ever downloaded: every network is built with random weights (timm ``pretrained=False``, torchvision
-``weights=None``) and starts from a local file only when ``pretrained_path`` names one. Registering a model stores a
-builder; nothing is instantiated until :func:`create_model` asks for it. Any other architecture timm knows is accepted
-by :func:`create_model` too, so users can try names outside the curated list.
+Every network is built with random weights (timm ``pretrained=False``, torchvision ``weights=None``) unless asked
+otherwise: ``pretrained_path`` loads a local file (:func:`load_pretrained`), and ``pretrained=True`` the
+architecture's ImageNet weights through the library's own mechanism (timm: the Hugging Face hub cache, downloaded
+when online, read from the cache offline; torchvision: its weights API and the torch hub cache). Offline without a
+cached copy that is one error saying where to get the file. Registering a model stores a builder; nothing is
+instantiated until :func:`create_model` asks for it. Any other architecture timm knows is accepted by
+:func:`create_model` too, so users can try names outside the curated list. :func:`split_head` tells the classifier
+head from the body (fine-tuning schedules).
 
 Example:
     >>> model = create_model("lenet", num_classes=2)
@@ -128,7 +132,11 @@ class LeNet(nn.Module):
         return self.fc3(self.drop(x))
 
 
-def _build_lenet(num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
+def _build_lenet(num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+                 pretrained: bool = False) -> nn.Module:
+    if pretrained:
+        raise ModelError("lenet has no pretrained weights (it is always trained from scratch); drop model.pretrained "
+                         "or choose a timm / torchvision model")
     if drop_path_rate > 0:
         log.warning("lenet has no stochastic depth; drop_path_rate=%s ignored", drop_path_rate)
     return LeNet(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate)
@@ -137,12 +145,68 @@ def _build_lenet(num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, dr
 # ------------------------------------------------------------------------------------------------------------ timm
 
 
+def _first_line(e: BaseException, limit: int = 160) -> str:
+    text = (str(e).strip().splitlines() or [""])[0].strip()
+    text = f"{type(e).__name__}: {text}" if text else type(e).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _timm_source(arch: str) -> tuple[str | None, str, str | None]:
+    """Where timm takes ``arch``'s pretrained weights from: ``(hf hub id, file name, url)`` (None where absent)."""
+    from timm.models import get_pretrained_cfg
+
+    try:
+        cfg = get_pretrained_cfg(arch)
+    except Exception:  # noqa: BLE001 - an unknown tag: timm's own error comes when the model is built
+        cfg = None
+    if cfg is None:
+        return None, "model.safetensors", None
+    filename = getattr(cfg, "hf_hub_filename", None) or "model.safetensors"
+    return getattr(cfg, "hf_hub_id", None) or None, filename, getattr(cfg, "url", None) or None
+
+
+def _torch_hub_file(url: str) -> str:
+    import os
+
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
+
+
+def _timm_unavailable(arch: str, e: BaseException) -> ModelError:
+    """One line for pretrained timm weights that cannot be had: which file, from where, and the ways around it."""
+    hf_id, filename, url = _timm_source(arch)
+    instead = ("or pass a downloaded weights file with --pretrained FILE (model.pretrained_path) instead of "
+               "--model.pretrained")
+    if hf_id:
+        from huggingface_hub import constants
+
+        return ModelError(f"model {arch}: cannot load its pretrained weights: {hf_id} ({filename}) is not in the "
+                          f"Hugging Face cache {constants.HF_HUB_CACHE} and the hub cannot be reached "
+                          f"({_first_line(e)}); on a machine with network run `hf download {hf_id} {filename}` "
+                          f"(older huggingface_hub: `huggingface-cli download {hf_id} {filename}`) and copy that "
+                          f"cache here (or set HF_HOME to it), {instead}")
+    if url:
+        return ModelError(f"model {arch}: cannot load its pretrained weights: {_torch_hub_file(url)} is not cached "
+                          f"and {url} cannot be downloaded ({_first_line(e)}); download it on a machine with network "
+                          f"into $TORCH_HOME/hub/checkpoints/, {instead}")
+    return ModelError(f"model {arch}: cannot load its pretrained weights ({_first_line(e)}); {instead}")
+
+
 def _build_timm(
-    arch: str, num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0
+    arch: str, num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+    pretrained: bool = False,
 ) -> nn.Module:
-    """``timm.create_model(arch, pretrained=False, ...)``; drop_path_rate only where the architecture takes it."""
+    """``timm.create_model(arch, pretrained=..., ...)``; drop_path_rate only where the architecture takes it.
+
+    ``pretrained=True`` is timm's own loading (Hugging Face hub cache; HF_HOME, HF_HUB_OFFLINE are honoured); timm
+    drops the ImageNet head when ``num_classes`` differs and adapts the stem to ``in_chans``.
+    """
     import timm
 
+    if pretrained:
+        hf_id, _, url = _timm_source(arch)
+        if hf_id is None and url is None:
+            raise ModelError(f"model {arch}: timm has no pretrained weights for it; drop model.pretrained, or pass a "
+                             "weights file with --pretrained FILE (model.pretrained_path)")
     kwargs: dict[str, Any] = {"num_classes": num_classes, "in_chans": in_chans}
     if drop_rate > 0:
         kwargs["drop_rate"] = drop_rate
@@ -150,12 +214,20 @@ def _build_timm(
         kwargs["drop_path_rate"] = drop_path_rate
     while True:
         try:
-            return timm.create_model(arch, pretrained=False, **kwargs)
+            return timm.create_model(arch, pretrained=pretrained, **kwargs)
         except TypeError as e:
             dropped = next((k for k in ("drop_path_rate", "drop_rate") if k in kwargs and k in str(e)), None)
             if dropped is None:
+                if pretrained:
+                    raise _timm_unavailable(arch, e) from e
                 raise
             log.warning("%s does not take %s; %s=%s ignored", arch, dropped, dropped, kwargs.pop(dropped))
+        except (ModelError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - hub, network and file errors come in many types
+            if not pretrained:
+                raise
+            raise _timm_unavailable(arch, e) from e
 
 
 # ----------------------------------------------------------------------------------------------------- torchvision
@@ -174,9 +246,14 @@ class _DropoutLinear(nn.Linear):
 
 
 def _build_torchvision(
-    arch: str, num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0
+    arch: str, num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+    pretrained: bool = False,
 ) -> nn.Module:
-    """A torchvision classifier with ``weights=None``; dropout / stochastic depth where the constructor has them."""
+    """A torchvision classifier with ``weights=None``; dropout / stochastic depth where the constructor has them.
+
+    ``pretrained=True``: the architecture's ``DEFAULT`` ImageNet weights through torchvision's weights API (torch hub
+    cache, ``$TORCH_HOME/hub/checkpoints``), loaded into the model with the 1000-class head skipped.
+    """
     import torchvision.models as tvm
 
     if in_chans != 3:
@@ -194,7 +271,29 @@ def _build_torchvision(
     model = getattr(tvm, arch)(**kwargs)
     if arch.startswith("resnet") and drop_rate > 0:
         model.fc = _DropoutLinear(model.fc, drop_rate)
+    if pretrained:
+        _load_torchvision_weights(model, arch)
     return model
+
+
+def _load_torchvision_weights(model: nn.Module, arch: str) -> None:
+    """torchvision's ``DEFAULT`` weights of ``arch`` into ``model`` (built with another head): the weights are
+    loaded by torchvision into a 1000-class twin (its own key fixes, e.g. DenseNet's, apply), then copied over."""
+    import torchvision.models as tvm
+
+    try:
+        weights = tvm.get_model_weights(arch).DEFAULT
+    except Exception as e:  # noqa: BLE001 - no weights enum for this builder
+        raise ModelError(f"model tv_{arch}: torchvision has no pretrained weights for it ({_first_line(e)})") from None
+    try:
+        twin = getattr(tvm, arch)(weights=weights, progress=False)
+    except Exception as e:  # noqa: BLE001 - network and file errors come in many types
+        raise ModelError(f"model tv_{arch}: cannot load torchvision's pretrained weights {weights}: "
+                         f"{_torch_hub_file(weights.url)} is not cached and {weights.url} cannot be downloaded "
+                         f"({_first_line(e)}); download it on a machine with network into "
+                         "$TORCH_HOME/hub/checkpoints/, or pass it with --pretrained FILE (model.pretrained_path) "
+                         "instead of --model.pretrained") from None
+    _load_state(model, twin.state_dict(), f"torchvision weights {weights}", f"tv_{arch}")
 
 
 # -------------------------------------------------------------------------------------------------------- registry
@@ -267,8 +366,10 @@ def create_model(
     drop_rate: float = 0.0,
     drop_path_rate: float = 0.0,
     pretrained_path: str | None = None,
+    pretrained: bool = False,
+    pretrained_strict: bool = True,
 ) -> nn.Module:
-    """Build a model with random weights, then optionally load a local weights file.
+    """Build a model with random weights, or the architecture's pretrained ones, or load a local weights file.
 
     Args:
         name: Registry name (:func:`list_models`) or any other timm architecture name.
@@ -277,12 +378,16 @@ def create_model(
         drop_rate: Dropout before the classifier.
         drop_path_rate: Stochastic depth rate (ignored, with a warning, where the architecture has none).
         pretrained_path: Local weights file loaded with :func:`load_pretrained` (a different head is skipped).
+        pretrained: The architecture's ImageNet weights through timm (Hugging Face hub cache) or torchvision (its
+            weights API); the head of another shape stays at random init. Not with ``pretrained_path``.
+        pretrained_strict: Refuse a ``pretrained_path`` file that leaves model tensors out or holds others.
 
     Returns:
         The model (in train mode, on CPU); ``model.fastlesion_name`` holds ``name``.
 
     Raises:
-        ModelError: Unknown name, bad argument, or a weights file that does not fit.
+        ModelError: Unknown name, bad argument, a weights file that does not fit, or pretrained weights that
+            cannot be had (offline without a cached copy; an architecture without any).
     """
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ModelError(f"model {name!r}: num_classes must be an integer >= 1, got {num_classes!r}")
@@ -291,11 +396,21 @@ def create_model(
     for key, value in (("drop_rate", drop_rate), ("drop_path_rate", drop_path_rate)):
         if not 0.0 <= value < 1.0:
             raise ModelError(f"model {name!r}: {key} must be in [0, 1), got {value}")
+    if pretrained and pretrained_path is not None:
+        raise ModelError(f"model {name!r}: pretrained and pretrained_path both give the starting weights; set one")
     builder = _resolve(name)
-    model = builder(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate, drop_path_rate=drop_path_rate)
+    kwargs: dict[str, Any] = {"pretrained": True} if pretrained else {}  # custom builders need not know the flag
+    try:
+        model = builder(num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+                        drop_path_rate=drop_path_rate, **kwargs)
+    except TypeError as e:
+        if pretrained and "pretrained" in str(e):
+            raise ModelError(f"model {name!r} was registered without pretrained weights (its builder takes no "
+                             "'pretrained' argument); pass a weights file with --pretrained FILE") from None
+        raise
     model.fastlesion_name = name
     if pretrained_path is not None:
-        load_pretrained(model, pretrained_path)
+        load_pretrained(model, pretrained_path, strict=pretrained_strict)
     return model
 
 
@@ -376,7 +491,27 @@ def _shape(t: torch.Tensor) -> str:
     return str(list(t.shape))
 
 
-def load_pretrained(model: nn.Module, path: str, strict_head: bool = False) -> dict:
+def split_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """``(body, head)`` parameters: the head is the classifier (timm ``get_classifier()`` /
+    ``pretrained_cfg["classifier"]``, torchvision's ``fc`` / ``classifier`` and LeNet's ``fc3``, else the last
+    ``nn.Linear``); the body is every other parameter. Shared tensors are listed once, in ``parameters()`` order.
+
+    Raises:
+        ModelError: No classifier head can be told apart (nothing to train alone, or to give another lr).
+    """
+    heads = _head_prefixes(model)
+    head_ids = {id(p) for h in heads for n, p in model.named_parameters() if n == h or n.startswith(h + ".")}
+    if not head_ids:
+        arch = getattr(model, "fastlesion_name", None) or type(model).__name__
+        raise ModelError(f"model {arch}: no classifier head found (get_classifier(), pretrained_cfg['classifier'] or "
+                         "a last nn.Linear); model.freeze_epochs and optim.backbone_lr_mult need one")
+    body, head = [], []
+    for p in model.parameters():  # parameters() lists a shared tensor once
+        (head if id(p) in head_ids else body).append(p)
+    return body, head
+
+
+def load_pretrained(model: nn.Module, path: str, strict_head: bool = False, strict: bool = True) -> dict:
     """Load a local weights file into ``model`` in place (nothing is downloaded).
 
     Accepts a raw state_dict, a checkpoint dict keeping it under ``'model'`` (fastlesion) or ``'state_dict'``,
@@ -388,6 +523,9 @@ def load_pretrained(model: nn.Module, path: str, strict_head: bool = False) -> d
         model: The freshly built model.
         path: The weights file.
         strict_head: Refuse a head whose shape differs instead of skipping it.
+        strict: Refuse a file that leaves any tensor of the model's body out (the head may be absent) or holds
+            tensors the model lacks: the mark of another architecture (resnet18 weights into resnet34). With
+            False such files load what fits and the rest is a warning.
 
     Returns:
         ``{"path", "loaded", "missing", "skipped", "unexpected"}``: lists of keys loaded, left at their random init
@@ -395,19 +533,28 @@ def load_pretrained(model: nn.Module, path: str, strict_head: bool = False) -> d
 
     Raises:
         ModelError: Missing or unreadable file, a backbone tensor of another shape, a differing head with
-            ``strict_head``, or a file matching fewer than half of the model's keys (another architecture).
+            ``strict_head``, a file matching fewer than half of the model's keys (another architecture), or with
+            ``strict`` any tensor of the body absent from the file or any tensor of the file unknown to the model.
     """
     file = Path(path)
-    arch = getattr(model, "fastlesion_name", None) or type(model).__name__
     if not file.is_file():
         raise ModelError(f"weights file {file} not found" + (" (it is a directory)" if file.is_dir() else ""))
     state = _extract_state_dict(_read_weights(file), file)
+    info = _load_state(model, state, f"weights file {file}", strict_head=strict_head, strict=strict)
+    return {"path": str(file), **info}
+
+
+def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, arch: str | None = None,
+                strict_head: bool = False, strict: bool = True) -> dict:
+    """Copy the tensors of ``state`` that fit into ``model``; see :func:`load_pretrained` (``source`` names the
+    weights in messages: ``weights file x.pth``, ``torchvision weights ResNet18_Weights.IMAGENET1K_V1``)."""
+    arch = arch or getattr(model, "fastlesion_name", None) or type(model).__name__
     own = model.state_dict()
 
     common = [k for k in own if k in state]
     if len(common) * 2 < len(own):
         raise ModelError(
-            f"weights file {file} does not fit {arch}: only {len(common)} of the model's {len(own)} keys are in "
+            f"{source} does not fit {arch}: only {len(common)} of the model's {len(own)} keys are in "
             f"the file (another architecture?)"
         )
     heads = _head_prefixes(model)
@@ -420,31 +567,43 @@ def load_pretrained(model: nn.Module, path: str, strict_head: bool = False) -> d
             skipped.append(key)
         elif is_head(key):
             raise ModelError(
-                f"weights file {file} has another classifier head than {arch}: {key} has shape "
+                f"{source} has another classifier head than {arch}: {key} has shape "
                 f"{_shape(state[key])} in the file, {_shape(own[key])} in the model (strict_head is on)"
             )
         else:
             raise ModelError(
-                f"weights file {file} does not fit {arch}: {key} has shape {_shape(state[key])} in the file, "
+                f"{source} does not fit {arch}: {key} has shape {_shape(state[key])} in the file, "
                 f"{_shape(own[key])} in the model"
             )
     if len(loaded) * 2 < len(own):
         raise ModelError(
-            f"weights file {file} does not fit {arch}: only {len(loaded)} of the model's {len(own)} tensors match "
+            f"{source} does not fit {arch}: only {len(loaded)} of the model's {len(own)} tensors match "
             f"(another architecture?)"
         )
-    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
+    # the body must be whole: a head absent from the file (a backbone-only export) starts at random init anyway
+    real_missing = [k for k in missing if not k.endswith("num_batches_tracked") and not is_head(k)]
+    if strict and (real_missing or unexpected):
+        first = lambda keys: ", ".join(keys[:3]) + (", ..." if len(keys) > 3 else "")
+        what = []
+        if real_missing:
+            what.append(f"{len(real_missing)} of the model's tensors are not in the file (first: "
+                        f"{first(real_missing)})")
+        if unexpected:
+            what.append(f"{len(unexpected)} tensors of the file are not in the model (first: {first(unexpected)})")
+        raise ModelError(f"{source} does not fit {arch}: {'; '.join(what)} (weights of another architecture?); "
+                         f"set model.pretrained_strict false to load the {len(loaded)} that fit and keep the rest "
+                         "at random init")
+    model.load_state_dict({k: state[k] for k in loaded}, strict=False)
     if skipped:
-        log.warning("%s: classifier head of another shape not loaded from %s: %s", arch, file, ", ".join(skipped))
-    real_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        log.warning("%s: classifier head of another shape not loaded from %s: %s", arch, source, ", ".join(skipped))
     if real_missing:
         log.warning(
             "%s: %d keys absent from %s keep their random init: %s",
             arch,
             len(real_missing),
-            file,
+            source,
             ", ".join(real_missing[:5]) + (" ..." if len(real_missing) > 5 else ""),
         )
     if unexpected:
@@ -452,11 +611,11 @@ def load_pretrained(model: nn.Module, path: str, strict_head: bool = False) -> d
             "%s: %d keys of %s unused by the model: %s",
             arch,
             len(unexpected),
-            file,
+            source,
             ", ".join(unexpected[:5]) + (" ..." if len(unexpected) > 5 else ""),
         )
-    log.info("%s: loaded %d/%d tensors from %s", arch, len(loaded), len(own), file)
-    return {"path": str(file), "loaded": loaded, "missing": missing, "skipped": skipped, "unexpected": unexpected}
+    log.info("%s: loaded %d/%d tensors from %s", arch, len(loaded), len(own), source)
+    return {"loaded": loaded, "missing": missing, "skipped": skipped, "unexpected": unexpected}
 
 
 # ------------------------------------------------------------------------------------------------------- listings

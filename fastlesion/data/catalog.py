@@ -17,6 +17,9 @@ images on another disk, counts as inside). Layouts:
 * ``csv`` — any CSV with a path and a label column (names configurable), optional group column;
 * ``folder`` — one sub-folder per class;
 * ``synthetic`` — a generated ISIC-like (or HAM-like) set, written on first use into the cache.
+
+``data.class_map`` then groups the source classes of any kind into training classes (:func:`apply_class_map`):
+``label`` and :attr:`Dataset.classes` become the mapped ones, ``source_class`` keeps the source class name.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from fastlesion.config import DataConfig
+from fastlesion.config import CATCH_ALL, DataConfig
 from fastlesion.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -330,6 +333,44 @@ def load_folder(root: Path, strict: bool = True, exclude: set[str] | None = None
     return _finish(df, classes, root, "folder", root, strict, exclude)
 
 
+def apply_class_map(ds: Dataset, mapping: dict[str, str], strict: bool = True) -> Dataset:
+    """Group the source classes into training classes (``data.class_map``), in place.
+
+    The training classes are the mapping's values in order of first appearance (``{mel: mel, nv: nv, '*': other}``
+    gives mel, nv, other; the ``'*'`` entry counts where it stands, and only when a source class falls to it), so the
+    mapping also fixes which class is "positive" (index 1) in a two-class grouping. ``label`` becomes the index of
+    the mapped class and a ``source_class`` column keeps the source class name.
+
+    Raises:
+        DatasetError: A key names no class of the dataset, a source class is not mapped (and there is no ``'*'``
+            entry), or (``strict``) the mapping leaves fewer than two classes with images.
+    """
+    source = list(ds.classes)
+    unknown = [k for k in mapping if k != CATCH_ALL and k not in source]
+    if unknown:
+        raise DatasetError(f"data.class_map: {unknown[0]!r} is not a class of this {ds.kind} dataset (its classes: "
+                           f"{', '.join(source)})")
+    catch_all = mapping.get(CATCH_ALL)
+    unmapped = [c for c in source if c not in mapping]
+    if unmapped and catch_all is None:
+        raise DatasetError(f"data.class_map: source class {unmapped[0]!r} is not mapped ({len(unmapped)} unmapped: "
+                           f"{', '.join(unmapped)}); map it, or add '{CATCH_ALL}': <class> for every class not named")
+    target = {c: mapping.get(c, catch_all) for c in source}
+    used = set(target.values())
+    classes = list(dict.fromkeys(v for v in mapping.values() if v in used))
+    index = [classes.index(target[c]) for c in source]
+    table = ds.table
+    table["source_class"] = [source[i] for i in table["label"]]
+    table["label"] = [index[i] for i in table["label"]]
+    table["label"] = table["label"].astype(int)
+    if strict and table["label"].nunique() < 2:
+        only = classes[int(table["label"].iloc[0])] if len(table) else "?"
+        raise DatasetError(f"data.class_map: every image maps to the one class {only!r}; a classifier needs two or "
+                           "more")
+    ds.classes = classes
+    return ds
+
+
 def synthetic_root(cfg: DataConfig) -> Path:
     """The cache folder of the built-in synthetic set (generated on first use)."""
     name = (f"{cfg.synthetic_layout}-n{cfg.synthetic_n}-w{cfg.synthetic_size}-p{cfg.synthetic_positive_rate:g}"
@@ -393,6 +434,8 @@ def load_dataset(cfg: DataConfig, strict: bool = True, use_exclude: bool = True,
     ds = LOADERS[kind](root, cfg, strict=strict, exclude=exclude)
     if cfg.dataset == "synthetic":
         ds.kind = "synthetic"
+    if cfg.class_map:
+        apply_class_map(ds, cfg.class_map, strict=strict)
     if cfg.limit:
         ds.table = ds.table.iloc[: cfg.limit].reset_index(drop=True)
     return ds

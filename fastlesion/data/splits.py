@@ -2,12 +2,16 @@
 
 A folds file is a CSV with one row per image: ``key`` (the image path relative to the data root), ``group``,
 ``label`` and ``fold`` (``0 .. K-1``; ``-1`` marks the grouped holdout test split). One group never appears in two
-folds (scikit-learn ``StratifiedGroupKFold``), and each fold's class mix stays close to the whole.
+folds (scikit-learn ``StratifiedGroupKFold``), and each fold's class mix stays close to the whole. The split is
+stratified on the training label, so with ``data.class_map`` on the mapped one: the default file name then carries
+the mapping's digest (``folds_k5_s42_m<8 hex>.csv``), and a folds file whose labels differ from the dataset's is
+refused rather than reused.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import uuid
@@ -68,9 +72,19 @@ def assign_folds(labels: np.ndarray, groups: np.ndarray, num_folds: int, seed: i
     return folds
 
 
+def class_map_digest(mapping: dict[str, str] | None) -> str | None:
+    """8 hex digits naming a ``data.class_map`` (its order counts: it fixes the class indices); None without one."""
+    if not mapping:
+        return None
+    return hashlib.sha1(json.dumps(list(mapping.items())).encode()).hexdigest()[:8]
+
+
 def default_folds_file(ds: Dataset, cfg: DataConfig) -> Path:
-    """``<root>/folds_k5_s42.csv`` (``_h0.2`` appended with a holdout), or the cache when the root is read-only."""
-    name = f"folds_k{cfg.num_folds}_s{cfg.split_seed}" + (f"_h{cfg.holdout:g}" if cfg.holdout else "") + ".csv"
+    """``<root>/folds_k5_s42.csv`` (``_h0.2`` appended with a holdout, ``_m<digest>`` with a ``data.class_map``), or
+    the cache when the root is read-only."""
+    digest = class_map_digest(cfg.class_map)
+    name = (f"folds_k{cfg.num_folds}_s{cfg.split_seed}" + (f"_h{cfg.holdout:g}" if cfg.holdout else "")
+            + (f"_m{digest}" if digest else "") + ".csv")
     if os.access(ds.root, os.W_OK):
         return ds.root / name
     digest = hashlib.sha1(str(ds.root).encode()).hexdigest()[:10]
@@ -100,6 +114,15 @@ def _read_folds(path: Path, ds: Dataset, cfg: DataConfig) -> pd.DataFrame:
     n_folds = int(folds["fold"].max()) + 1
     if n_folds != cfg.num_folds:
         raise DatasetError(f"{path}: has {n_folds} folds but data.num_folds is {cfg.num_folds}")
+    if "label" in folds.columns:  # stratified on other labels (another data.class_map): its folds do not fit
+        keys = _keys(ds)
+        saved = keys.map(dict(zip(folds["key"], folds["label"].astype(str)))).to_numpy()
+        differ = saved != ds.table["label"].astype(str).to_numpy()
+        if differ.any():
+            i = int(differ.argmax())
+            raise DatasetError(f"{path}: made with other labels than this dataset's ({int(differ.sum())} image(s) "
+                               f"differ, first: {keys.iloc[i]} has label {saved[i]} there, {ds.table['label'].iloc[i]} "
+                               "here: another data.class_map?); delete it or set data.folds_file to make a new one")
     return folds
 
 

@@ -1,7 +1,9 @@
 """Optimizers, a pure learning-rate schedule and the reduce-on-plateau state.
 
 The schedule is a pure function of the step (``lr_at``); reduce-on-plateau multiplies it by a factor kept in
-:class:`Plateau`, whose state goes into checkpoints.
+:class:`Plateau`, whose state goes into checkpoints. Each parameter group carries an ``lr_mult`` (the body's
+``optim.backbone_lr_mult``, 1 for the head) that :func:`set_lr` applies, so the schedule scales every group alike
+and the body-to-head ratio holds at every step.
 """
 
 from __future__ import annotations
@@ -15,19 +17,45 @@ from torch import nn
 from fastlesion.config import OptimConfig
 
 
-def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool) -> list[dict]:
-    """Two groups: decayed weights, and (optionally) norms and biases (ndim <= 1) without weight decay."""
+def _decay_groups(params: list[nn.Parameter], weight_decay: float, no_decay_norm_bias: bool,
+                  lr_mult: float) -> list[dict]:
     if not no_decay_norm_bias:
-        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return [{"params": params, "weight_decay": weight_decay, "lr_mult": lr_mult}]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return [{"params": decay, "weight_decay": weight_decay, "lr_mult": lr_mult},
+            {"params": no_decay, "weight_decay": 0.0, "lr_mult": lr_mult}]
 
 
-def create_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias)
+def param_groups(model: nn.Module, weight_decay: float, no_decay_norm_bias: bool,
+                 backbone_lr_mult: float | None = None) -> list[dict]:
+    """Decayed weights, and (optionally) norms and biases (ndim <= 1) without weight decay.
+
+    With ``backbone_lr_mult`` (a fine-tuning run: ``optim.backbone_lr_mult != 1`` or ``model.freeze_epochs > 0``)
+    these groups are made for the body (``lr_mult = backbone_lr_mult``) and for the classifier head
+    (``lr_mult = 1``) apart, body first (:func:`fastlesion.models.split_head`); empty groups are left out. Every
+    parameter is listed, also one frozen at the time (a frozen parameter gets no gradient, so the optimizer leaves it
+    and its state alone until it is unfrozen); without it only those that require gradients, as always.
+    """
+    if backbone_lr_mult is None:
+        params = [p for p in model.parameters() if p.requires_grad]
+        return _decay_groups(params, weight_decay, no_decay_norm_bias, 1.0)
+    from fastlesion.models import split_head
+
+    body, head = split_head(model)
+    groups = [*_decay_groups(body, weight_decay, no_decay_norm_bias, backbone_lr_mult),
+              *_decay_groups(head, weight_decay, no_decay_norm_bias, 1.0)]
+    return [g for g in groups if g["params"]]
+
+
+def create_optimizer(model: nn.Module, cfg: OptimConfig, fine_tune: bool = False) -> torch.optim.Optimizer:
+    """The optimizer over ``model``'s parameters; ``fine_tune`` splits body and head (see :func:`param_groups`),
+    which is implied by ``optim.backbone_lr_mult != 1``."""
+    split = fine_tune or cfg.backbone_lr_mult != 1.0
+    groups = param_groups(model, cfg.weight_decay, cfg.no_decay_norm_bias,
+                          cfg.backbone_lr_mult if split else None)
+    for g in groups:
+        g["lr"] = cfg.lr * g["lr_mult"]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
     if cfg.name == "adam":
@@ -97,5 +125,6 @@ class Plateau:
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set the schedule's ``lr``: each group gets ``lr * lr_mult`` (1 for groups without one)."""
     for g in optimizer.param_groups:
-        g["lr"] = lr
+        g["lr"] = lr * g.get("lr_mult", 1.0)

@@ -23,7 +23,7 @@ from fastlesion.data.loader import Loader
 from fastlesion.data.splits import Split
 from fastlesion.engine import checkpoint as ckpt
 from fastlesion.engine.optim import Plateau, lr_at
-from fastlesion.engine.runtime import Runtime, WrappedModel
+from fastlesion.engine.runtime import Runtime, WrappedModel, wrap_model
 from fastlesion.errors import FastlesionError
 
 
@@ -37,18 +37,31 @@ class TrainData:
 
 @dataclass
 class EarlyStop:
-    """Best value of the watched metric, its epoch, and epochs since it improved."""
+    """Best value of the watched metric, its epoch, and epochs since it improved.
+
+    An epoch improves when its value beats the best by more than ``min_delta`` (``train.min_delta``): above
+    ``best + min_delta`` when maximising, below ``best - min_delta`` when minimising. The first epoch is always the
+    best so far; a NaN value never improves, and a NaN best is replaced by the first real value.
+    """
 
     mode: str = "max"
     patience: int = 5
     best: float = math.nan
     best_epoch: int = 0
     bad_epochs: int = 0
+    min_delta: float = 0.0
+
+    def improves(self, value: float) -> bool:
+        """Whether ``value`` beats the best so far by more than ``min_delta``."""
+        if math.isnan(value):
+            return False
+        if math.isnan(self.best):
+            return True
+        return value > self.best + self.min_delta if self.mode == "max" else value < self.best - self.min_delta
 
     def update(self, value: float, epoch: int) -> bool:
         """Record ``value``; True when it is a new best (the first epoch always is)."""
-        if self.best_epoch == 0 or (not math.isnan(value) and (
-                math.isnan(self.best) or (value > self.best if self.mode == "max" else value < self.best))):
+        if self.best_epoch == 0 or self.improves(value):
             self.best, self.best_epoch, self.bad_epochs = value, epoch, 0
             return True
         self.bad_epochs += 1
@@ -91,6 +104,7 @@ class Session:
     params: int = 0
     seconds_before: float = 0.0  # training time of the run's earlier processes (restored from last.pt)
     clock: float | None = None  # perf_counter() when this process's epoch loop started (start_clock)
+    frozen: bool = False  # the body is frozen (model.freeze_epochs): only the classifier head trains
 
     @property
     def classes(self) -> list[str]:
@@ -102,6 +116,27 @@ class Session:
     def train_seconds(self) -> float:
         """Seconds of training so far, over every process of the run (a resume adds to what last.pt recorded)."""
         return self.seconds_before + (time.perf_counter() - self.clock if self.clock is not None else 0.0)
+
+    def freeze_for(self, epoch: int) -> None:
+        """``model.freeze_epochs``: epochs 1..N train only the classifier head, later ones the whole model.
+
+        The body's parameters stay in the optimizer and only stop requiring gradients: a parameter without a
+        gradient is skipped by every optimizer (no weight decay, no momentum or Adam moments), so the frozen body
+        does not move and its optimizer state starts fresh when it is unfrozen. The state follows from the epoch
+        alone, so a resumed run freezes or unfreezes exactly as the uninterrupted one. Batch-norm statistics of the
+        body keep updating in the frozen epochs (the model stays in train mode). Under DDP the wrapper is built
+        again on a change: DDP reduces the gradients of the parameters that required them when it was built.
+        """
+        frozen = epoch <= self.cfg.model.freeze_epochs
+        if frozen == self.frozen:
+            return
+        from fastlesion.models import split_head
+
+        for p in split_head(self.net.raw)[0]:
+            p.requires_grad_(not frozen)
+        self.frozen = frozen
+        if self.info.enabled:
+            self.net = wrap_model(self.net.raw, self.rt, ddp=True)
 
     def current_lr(self) -> float:
         """The schedule's lr at the current optimizer step (``plateau`` scales it)."""
