@@ -40,7 +40,7 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-DATASET_KINDS = ("synthetic", "isic2020", "ham10000", "csv", "folder")
+DATASET_KINDS = ("synthetic", "isic2020", "ham10000", "isic2019", "csv", "folder")
 CLASS_MAP_PRESETS: dict[str, dict[str, str]] = {
     "ham3": {"mel": "mel", "nv": "nv", "*": "other"},
 }
@@ -76,7 +76,7 @@ def check_class_map(value: dict[str, str] | str | None) -> dict[str, str] | None
 class DataConfig:
     """Where the images are, how they are labelled and split."""
 
-    dataset: str = _f("synthetic", "dataset kind: synthetic | isic2020 | ham10000 | csv | folder")
+    dataset: str = _f("synthetic", "dataset kind: synthetic | isic2020 | ham10000 | isic2019 | csv | folder")
     root: str | None = _f(None, "dataset root folder (synthetic: None = generated on first use into the cache)")
     csv: str | None = _f(None, "csv kind: the CSV file (absolute, or relative to root)")
     path_col: str = _f("path", "csv kind: column holding the image path (relative to root, or absolute inside it)")
@@ -98,6 +98,11 @@ class DataConfig:
     split_seed: int = _f(42, "seed of the split; a folds file is keyed by it")
     folds_file: str | None = _f(None, "folds CSV to write/reuse (None = <root>/folds_k<K>_s<seed>[_h<holdout>].csv)")
     exclude_file: str | None = _f(None, "exclusion list written by `fastlesion check` (one path a line): skipped")
+    extra_train: list[str] | str | None = _f(None, "extra labelled dataset roots (ROOT[,ROOT], each detected like "
+                                             "--data) added to the training folds only, never to validation, the "
+                                             "holdout or the folds file; their classes are mapped onto this "
+                                             "dataset's (built-in: isic2019/ham10000 -> isic2020, MEL -> "
+                                             "malignant, the rest benign; isic2019 -> ham10000; same names)")
     image_size: int = _f(224, "square input size fed to the model")
     limit: int | None = _f(None, "use only the first N rows of the table (quick experiments)")
 
@@ -122,6 +127,9 @@ class DataConfig:
             raise ConfigError(f"data.image_size must be >= 8, got {self.image_size}")
         _at_least("data.limit", self.limit, 1, optional=True)
         self.class_map = check_class_map(self.class_map)
+        if isinstance(self.extra_train, str):
+            self.extra_train = [p.strip() for p in self.extra_train.split(",") if p.strip()]
+        self.extra_train = list(self.extra_train) if self.extra_train else None
 
 
 @dataclass

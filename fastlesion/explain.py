@@ -142,11 +142,12 @@ def image_paths(items: list[str | Path]) -> list[Path]:
 
 
 def _open_rgb(path: str | Path):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from fastlesion.data.torch_loader import open_rgb
 
     try:
-        with Image.open(path) as im:
-            return im.convert("RGB")
+        return open_rgb(str(path))  # upright by its EXIF orientation, as both loaders see it
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
         raise DatasetError(f"{path}: cannot decode image ({e})") from None
 

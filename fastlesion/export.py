@@ -166,7 +166,7 @@ def _as_text(value: Any) -> str:
 def check_images(cfg: Config, n: int, seed: int = 0) -> tuple[torch.Tensor, str]:
     """``n`` images ``[n, 3, S, S]`` in ``[0, 1]`` from the checkpoint's validation fold, else random inputs; and
     where they came from, in words. A synthetic set that is not in the cache is not generated for this."""
-    from PIL import Image
+    from fastlesion.data.torch_loader import open_rgb
 
     size = cfg.data.image_size
     try:
@@ -182,8 +182,7 @@ def check_images(cfg: Config, n: int, seed: int = 0) -> tuple[torch.Tensor, str]
         tf = pixel_transform(cfg)
         xs = []
         for p in val["path"].tolist()[:n]:
-            with Image.open(p) as im:
-                xs.append(tf(im.convert("RGB")))
+            xs.append(tf(open_rgb(p)))  # upright by its EXIF orientation, as the loaders see it
         return torch.stack(xs), f"{len(xs)} validation images (fold {cfg.data.fold} of {cfg.data.dataset})"
     except (FastlesionError, OSError, ValueError, SyntaxError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__

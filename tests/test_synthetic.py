@@ -213,7 +213,7 @@ def test_refuses_foreign_dataset(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"layout": "isic2019"}, {"n": 0}, {"positive_rate": 1.5}, {"size": 8}, {"size": (32, 32, 3)}],
+    [{"layout": "isic1999"}, {"n": 0}, {"positive_rate": 1.5}, {"size": 8}, {"size": (32, 32, 3)}],
 )
 def test_bad_parameters(tmp_path: Path, kwargs: dict) -> None:
     args = {"layout": "isic2020", "out": tmp_path, "n": 4, "size": 32, **kwargs}

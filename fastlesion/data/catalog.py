@@ -12,11 +12,17 @@ never mid-epoch. An image listed twice is kept once (the first row), with one wa
 symlink to a file outside the data root is refused in every layout alike (a symlinked *folder* inside the root, e.g.
 images on another disk, counts as inside). Layouts:
 
-* ``isic2020`` — ``train.csv`` (ISIC 2020 columns) and ``train/`` or ``jpeg/train/<image_name>.jpg``;
+* ``isic2020`` — ``train.csv`` (ISIC 2020 columns) and ``train/`` or ``jpeg/train/<image_name>.jpg`` (Kaggle), or the
+  ISIC challenge download: ``ISIC_2020_Training_GroundTruth[_v2].csv`` and ``ISIC_2020_Training_JPEG/[train/]``;
 * ``ham10000`` — ``HAM10000_metadata.csv`` and ``HAM10000_images_part_{1,2}/<image_id>.jpg`` (any case);
+* ``isic2019`` — ``ISIC_2019_Training_GroundTruth.csv`` (one-hot ``MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK``), the optional
+  ``ISIC_2019_Training_Metadata.csv`` and ``ISIC_2019_Training_Input/<image>.jpg``;
 * ``csv`` — any CSV with a path and a label column (names configurable), optional group column;
 * ``folder`` — one sub-folder per class;
 * ``synthetic`` — a generated ISIC-like (or HAM-like) set, written on first use into the cache.
+
+``data.extra_train`` adds other labelled sets to the training folds (:func:`load_extra_train`), their classes mapped
+onto the main dataset's (:data:`EXTRA_CLASS_MAPS`, else by name).
 
 ``data.class_map`` then groups the source classes of any kind into training classes (:func:`apply_class_map`):
 ``label`` and :attr:`Dataset.classes` become the mapped ones, ``source_class`` keeps the source class name.
@@ -43,8 +49,13 @@ ISIC_COLUMNS = (
 )
 ISIC_TEST_COLUMNS = ISIC_COLUMNS[:5]
 ISIC_CLASSES = ["benign", "malignant"]
+ISIC_CHALLENGE_CSVS = ("ISIC_2020_Training_GroundTruth_v2.csv", "ISIC_2020_Training_GroundTruth.csv")
+ISIC_CHALLENGE_TEST_CSV = "ISIC_2020_Test_Metadata.csv"
 HAM_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
 HAM_CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+ISIC2019_TRUTH_CSV = "ISIC_2019_Training_GroundTruth.csv"
+ISIC2019_META_CSV = "ISIC_2019_Training_Metadata.csv"
+ISIC2019_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -213,15 +224,44 @@ def _finish(df: pd.DataFrame, classes: list[str], root: Path, kind: str, source:
 
 # --------------------------------------------------------------------------------------------------- layouts
 def _isic_image_dir(root: Path, split: str) -> Path:
-    found = _first_dir(root, [split, f"jpeg/{split}", f"{split}_jpeg", f"jpeg_{split}"])
+    challenge = {"train": ["ISIC_2020_Training_JPEG/train", "ISIC_2020_Training_JPEG"],
+                 "test": ["ISIC_2020_Test_Input/ISIC_2020_Test_Input", "ISIC_2020_Test_Input",
+                          "ISIC_2020_Test_JPEG/test", "ISIC_2020_Test_JPEG"]}[split]
+    found = _first_dir(root, [split, f"jpeg/{split}", f"{split}_jpeg", f"jpeg_{split}", *challenge])
     if found is None:
-        raise DatasetError(f"{root}: no ISIC image folder found (looked for {split}/ and jpeg/{split}/)")
+        raise DatasetError(f"{root}: no ISIC image folder found (looked for {split}/, jpeg/{split}/ and "
+                           f"{challenge[-1]}/)")
     return found
 
 
+def _isic_csv(root: Path, names: tuple[str, ...]) -> Path | None:
+    """The first of ``names`` present in ``root`` (matched case-insensitively), or None."""
+    if not root.is_dir():
+        return None
+    present = {p.name.lower(): p for p in root.iterdir() if p.is_file()}
+    for name in names:
+        if name.lower() in present:
+            return present[name.lower()]
+    return None
+
+
+def isic2020_train_csv(root: Path) -> Path | None:
+    """The ISIC 2020 training CSV of ``root``: Kaggle's ``train.csv`` or the challenge's ground truth CSV."""
+    return _isic_csv(root, ("train.csv", *ISIC_CHALLENGE_CSVS))
+
+
+def isic2020_test_csv(root: Path) -> Path | None:
+    """The ISIC 2020 test CSV of ``root``: Kaggle's ``test.csv`` or the challenge's ``ISIC_2020_Test_Metadata.csv``."""
+    return _isic_csv(root, ("test.csv", ISIC_CHALLENGE_TEST_CSV))
+
+
 def load_isic2020(root: Path, strict: bool = True, exclude: set[str] | None = None) -> Dataset:
-    """ISIC 2020 training set: label = ``target``, group = ``patient_id``, the rest kept as metadata."""
-    csv = root / "train.csv"
+    """ISIC 2020 training set: label = ``target``, group = ``patient_id``, the rest kept as metadata.
+
+    Read from Kaggle's ``train.csv`` or, failing that, the ISIC challenge's ``ISIC_2020_Training_GroundTruth_v2.csv``
+    (with a ``lesion_id`` column, kept as metadata) or ``ISIC_2020_Training_GroundTruth.csv``.
+    """
+    csv = isic2020_train_csv(root) or root / "train.csv"
     df = _read_csv(csv, ISIC_COLUMNS, "ISIC 2020 train")
     img_dir = _isic_image_dir(root, "train")
     df = df.copy()
@@ -235,10 +275,27 @@ def load_isic2020(root: Path, strict: bool = True, exclude: set[str] | None = No
     return _finish(df, list(ISIC_CLASSES), root, "isic2020", csv, strict, exclude)
 
 
+# the challenge's test metadata names its columns image, patient, sex, age_approx, anatom_site
+_CHALLENGE_TEST_NAMES = {"image": "image_name", "patient": "patient_id",
+                         "anatom_site": "anatom_site_general_challenge"}
+
+
 def load_isic2020_test(root: Path) -> pd.DataFrame:
-    """ISIC 2020 ``test.csv`` (first five columns) with a ``path`` column, for ``fastlesion predict``."""
-    csv = root / "test.csv"
-    df = _read_csv(csv, ISIC_TEST_COLUMNS, "ISIC 2020 test")
+    """ISIC 2020 ``test.csv`` (first five columns) with a ``path`` column, for ``fastlesion predict``.
+
+    The challenge download's ``ISIC_2020_Test_Metadata.csv`` (columns ``image``/``image_name``, ``patient``, ...)
+    with images in ``ISIC_2020_Test_Input/`` is read too, its columns renamed to the Kaggle names.
+    """
+    csv = isic2020_test_csv(root) or root / "test.csv"
+    if csv.is_file() and csv.name.lower() == ISIC_CHALLENGE_TEST_CSV.lower():
+        df = _read_csv(csv, (), "ISIC 2020 test")
+        df = df.rename(columns={k: v for k, v in _CHALLENGE_TEST_NAMES.items()
+                                if k in df.columns and v not in df.columns})
+        if "image_name" not in df.columns:
+            raise DatasetError(f"{csv}: missing required column 'image' (or 'image_name') "
+                               f"(found: {', '.join(map(str, df.columns))})")
+    else:
+        df = _read_csv(csv, ISIC_TEST_COLUMNS, "ISIC 2020 test")
     img_dir = _isic_image_dir(root, "test")
     df = df.copy()
     df.insert(0, "path", _image_paths(img_dir, df["image_name"], csv, "image_name", root))
@@ -272,6 +329,36 @@ def load_ham10000(root: Path, strict: bool = True, exclude: set[str] | None = No
     df.insert(1, "label", df["dx"].map(HAM_CLASSES.index).astype(int))
     df.insert(2, "group", df["lesion_id"].astype(str))
     return _finish(df, list(HAM_CLASSES), root, "ham10000", csv, strict, exclude)
+
+
+def load_isic2019(root: Path, strict: bool = True, exclude: set[str] | None = None) -> Dataset:
+    """ISIC 2019: label = the one-hot column set to 1, classes in the CSV's column order (``UNK`` dropped when no
+    image has it); group = ``lesion_id`` of the metadata CSV (when present and filled), else the image."""
+    csv = _isic_csv(root, (ISIC2019_TRUTH_CSV,)) or root / ISIC2019_TRUTH_CSV
+    df = _read_csv(csv, ["image", *ISIC2019_CLASSES[:-1]], "ISIC 2019 ground truth").copy()
+    classes = [c for c in df.columns if c in ISIC2019_CLASSES]
+    onehot = df[classes].apply(pd.to_numeric, errors="coerce")
+    bad = ~(onehot.isin([0, 1]).all(axis=1) & (onehot.sum(axis=1) == 1))
+    if bad.any():
+        row = int(bad.idxmax())
+        raise DatasetError(f"{csv}: each row needs exactly one 1 among {', '.join(classes)} (row {row + 2}: "
+                           f"{df.loc[row, 'image']!r})")
+    if "UNK" in classes and not onehot["UNK"].any():
+        classes.remove("UNK")
+    label = onehot[classes].to_numpy().argmax(axis=1)
+    meta_csv = _isic_csv(root, (ISIC2019_META_CSV,))
+    if meta_csv is not None:
+        meta = _read_csv(meta_csv, ["image"], "ISIC 2019 metadata").drop_duplicates("image")
+        meta = meta.drop(columns=[c for c in meta.columns if c != "image" and c in df.columns])
+        df = df.merge(meta, on="image", how="left")
+    img_dir = _first_dir(root, ["ISIC_2019_Training_Input/ISIC_2019_Training_Input", "ISIC_2019_Training_Input"])
+    if img_dir is None:
+        raise DatasetError(f"{root}: no ISIC_2019_Training_Input/ image folder found")
+    group = df["lesion_id"] if "lesion_id" in df.columns else pd.Series(pd.NA, index=df.index)
+    df.insert(0, "path", _image_paths(img_dir, df["image"], csv, "image", root))
+    df.insert(1, "label", label.astype(int))
+    df.insert(2, "group", group.fillna(df["image"]).astype(str))
+    return _finish(df, classes, root, "isic2019", csv, strict, exclude)
 
 
 def _labels_to_index(values: pd.Series, source: Path, col: str) -> tuple[pd.Series, list[str]]:
@@ -371,6 +458,80 @@ def apply_class_map(ds: Dataset, mapping: dict[str, str], strict: bool = True) -
     return ds
 
 
+EXTRA_CLASS_MAPS: dict[tuple[str, str], dict[str, str]] = {
+    ("isic2019", "isic2020"): {"MEL": "malignant", CATCH_ALL: "benign"},  # as the ISIC 2020 winners did
+    ("ham10000", "isic2020"): {"mel": "malignant", CATCH_ALL: "benign"},
+    ("isic2019", "ham10000"): {"MEL": "mel", "NV": "nv", "BCC": "bcc", "AK": "akiec", "BKL": "bkl", "DF": "df",
+                               "VASC": "vasc"},
+}
+"""Built-in ``data.extra_train`` class maps: (extra kind, main kind) -> {extra class: main source class}."""
+
+
+def _source_kind(ds: Dataset, cfg: DataConfig) -> str:
+    return cfg.synthetic_layout if ds.kind == "synthetic" else ds.kind
+
+
+def map_extra_classes(extra: Dataset, main: Dataset, cfg: DataConfig) -> list[int]:
+    """The main dataset's label index of each class of ``extra`` (for ``data.extra_train``).
+
+    An extra class goes to a source class of the main dataset through the built-in map of the pair of kinds
+    (:data:`EXTRA_CLASS_MAPS`), else by name (case-insensitive); then through ``data.class_map`` when the main
+    dataset has one, as the main dataset's own source classes do.
+
+    Raises:
+        DatasetError: an extra class that cannot be mapped, naming it.
+    """
+    builtin = EXTRA_CLASS_MAPS.get((extra.kind, _source_kind(main, cfg)))
+    sources = (sorted(set(main.table["source_class"])) if "source_class" in main.table.columns
+               else list(main.classes))
+    by_name = {c.lower(): c for c in sources}
+    if cfg.class_map:
+        by_name.update({k.lower(): k for k in cfg.class_map if k != CATCH_ALL})
+    out = []
+    for c in extra.classes:
+        if builtin is not None:
+            src = builtin.get(c, builtin.get(CATCH_ALL))
+        else:
+            src = by_name.get(c.lower())
+        target = src
+        if cfg.class_map:  # an unnamed class falls to the main map's catch-all, as the main source classes do
+            target = cfg.class_map.get(src, cfg.class_map.get(CATCH_ALL)) if src is not None else \
+                cfg.class_map.get(CATCH_ALL)
+        if target not in main.classes:
+            raise DatasetError(f"data.extra_train: class {c!r} of {extra.root} ({extra.kind}) cannot be mapped onto "
+                               f"the classes of the {_source_kind(main, cfg)} dataset ({', '.join(main.classes)}); "
+                               "drop those images from that set or train without it")
+        out.append(main.classes.index(target))
+    return out
+
+
+def load_extra_train(main: Dataset, cfg: DataConfig) -> pd.DataFrame:
+    """The rows of every ``data.extra_train`` root, labelled with the main dataset's classes.
+
+    Each root is detected like ``--data``; a ``source_class`` column keeps the extra class name, ``extra_root`` the
+    root, and groups are prefixed with the root (they never meet the main dataset's groups). Empty without roots.
+    """
+    frames = []
+    for item in cfg.extra_train or []:
+        root = Path(item).expanduser()
+        if not root.is_dir():
+            raise DatasetError(f"data.extra_train: {root}: data root not found")
+        root = root.resolve()
+        if root == main.root:
+            raise DatasetError(f"data.extra_train: {root} is the main dataset's root")
+        kind = detect_kind(root)
+        extra = LOADERS[kind](root, DataConfig(dataset=kind, root=str(root)), strict=True, exclude=None)
+        index = map_extra_classes(extra, main, cfg)
+        t = extra.table.copy()
+        t["source_class"] = [extra.classes[i] for i in t["label"]]
+        t["label"] = [index[i] for i in t["label"]]
+        t["label"] = t["label"].astype(int)
+        t["group"] = f"{root}:" + t["group"].astype(str)
+        t["extra_root"] = str(root)
+        frames.append(t)
+    return pd.concat(frames, ignore_index=True) if frames else main.table.iloc[:0].copy()
+
+
 def synthetic_root(cfg: DataConfig) -> Path:
     """The cache folder of the built-in synthetic set (generated on first use)."""
     name = (f"{cfg.synthetic_layout}-n{cfg.synthetic_n}-w{cfg.synthetic_size}-p{cfg.synthetic_positive_rate:g}"
@@ -389,9 +550,11 @@ def ensure_synthetic(cfg: DataConfig, progress: bool = True) -> Path:
 
 
 def detect_kind(root: Path) -> str:
-    """Guess the layout of a data root: isic2020, ham10000 or folder."""
-    if (root / "train.csv").is_file():
+    """Guess the layout of a data root: isic2020 (Kaggle or ISIC challenge download), isic2019, ham10000 or folder."""
+    if isic2020_train_csv(root) is not None:
         return "isic2020"
+    if _isic_csv(root, (ISIC2019_TRUTH_CSV,)) is not None:
+        return "isic2019"
     if any(p.name.lower() == "ham10000_metadata.csv" for p in root.glob("*.csv")):
         return "ham10000"
     return "folder"
@@ -400,6 +563,7 @@ def detect_kind(root: Path) -> str:
 LOADERS: dict[str, Callable[..., Dataset]] = {
     "isic2020": lambda root, cfg, **kw: load_isic2020(root, **kw),
     "ham10000": lambda root, cfg, **kw: load_ham10000(root, **kw),
+    "isic2019": lambda root, cfg, **kw: load_isic2019(root, **kw),
     "csv": load_csv,
     "folder": lambda root, cfg, **kw: load_folder(root, **kw),
 }

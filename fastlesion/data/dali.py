@@ -13,6 +13,9 @@ Pipelines:
   Rotation and jitter are left out of the graph when their strength is 0.
 * **eval** — ``fn.decoders.image`` → resize the shorter side to ``image_size / eval_crop`` → center crop → normalise.
 
+Both decoders apply a JPEG's EXIF orientation tag (``adjust_orientation=True``, DALI's default, spelled out), and so
+does the torch loader (:func:`fastlesion.data.torch_loader.open_rgb`): a photo is seen upright by both backends.
+
 Orders come from :mod:`fastlesion.data.sampling`, so both backends visit the same samples for the same
 (seed, epoch): the reader gets the whole epoch order (identical on every rank) laid out so that DALI's contiguous
 shard ``shard_id=rank`` of ``num_shards=world_size`` is exactly ``sampling.shard(order, rank, world_size)``, with
@@ -97,7 +100,7 @@ def lesion_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_
     jpegs, row = fn.readers.file(files=files, labels=rows, shard_id=shard_id, num_shards=num_shards,
                                  random_shuffle=False, pad_last_batch=True, stick_to_shard=True, name=READER)
     if not train:
-        img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB)
+        img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, adjust_orientation=True)
         img = fn.resize(img, resize_shorter=eval_resize_size(image_size, cfg.eval_crop), antialias=True)
         img = fn.crop_mirror_normalize(img, dtype=dtype, output_layout=layout, crop=[image_size, image_size],
                                        crop_pos_x=0.5, crop_pos_y=0.5, mean=list(MEAN_255), std=list(STD_255))
@@ -105,7 +108,7 @@ def lesion_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_
     # only the crop window is decoded (libjpeg-turbo ROI decoding on CPU, nvJPEG on GPU)
     img = fn.decoders.image_random_crop(jpegs, device=decode_device, output_type=types.RGB,
                                         random_area=list(cfg.scale), random_aspect_ratio=list(cfg.ratio),
-                                        num_attempts=10, use_fast_idct=cfg.fast_idct)
+                                        num_attempts=10, use_fast_idct=cfg.fast_idct, adjust_orientation=True)
     img = fn.resize(img, size=[image_size, image_size], antialias=True)
     img = _augment(img, cfg)
     img = fn.crop_mirror_normalize(img, dtype=dtype, output_layout=layout, mean=list(MEAN_255), std=list(STD_255))

@@ -6,6 +6,9 @@ folds (scikit-learn ``StratifiedGroupKFold``), and each fold's class mix stays c
 stratified on the training label, so with ``data.class_map`` on the mapped one: the default file name then carries
 the mapping's digest (``folds_k5_s42_m<8 hex>.csv``), and a folds file whose labels differ from the dataset's is
 refused rather than reused.
+
+``data.extra_train`` sets join the training table of a split (:func:`add_extra_train`), after the split: they are
+never in the folds file, the validation fold or the holdout.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from sklearn.model_selection import StratifiedGroupKFold
 
 from fastlesion import locks
 from fastlesion.config import DataConfig
-from fastlesion.data.catalog import Dataset, cache_dir
+from fastlesion.data.catalog import Dataset, cache_dir, load_extra_train
 from fastlesion.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -176,3 +179,14 @@ def split_dataset(ds: Dataset, cfg: DataConfig, fold: int | None = None) -> Spli
         if len(part) == 0:
             raise DatasetError(f"{path}: fold {fold} leaves the {name} split empty")
     return split
+
+
+def add_extra_train(split: Split, ds: Dataset, cfg: DataConfig) -> Split:
+    """``split`` with the ``data.extra_train`` sets (labelled with ``ds``'s classes) appended to its training table
+    only; validation, holdout and the folds file are untouched. ``split`` itself when there are none."""
+    if not cfg.extra_train:
+        return split
+    extra = load_extra_train(ds, cfg)
+    log.info("data.extra_train: %d extra training image(s) from %d set(s)", len(extra), len(cfg.extra_train))
+    train = pd.concat([split.train, extra], ignore_index=True)
+    return Split(train=train, val=split.val, test=split.test, folds_file=split.folds_file)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -50,7 +51,9 @@ from PIL import Image, ImageDraw
 from fastlesion.errors import DatasetError
 
 LAYOUTS = ("isic2020", "ham10000")
-"""Layouts :func:`generate` can write."""
+"""The layouts of the built-in ``synthetic`` dataset kind (``data.synthetic_layout``)."""
+ALL_LAYOUTS = LAYOUTS + ("isic2020-challenge", "isic2019")
+"""Layouts :func:`generate` (and ``fastlesion synth --layout``) can write."""
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
 """HAM10000 diagnoses in their fixed, documented (alphabetical) order."""
@@ -64,6 +67,19 @@ ISIC_TRAIN_COLUMNS = (
 )  # fmt: skip
 ISIC_TEST_COLUMNS = ISIC_TRAIN_COLUMNS[:5]
 HAM_COLUMNS = ("lesion_id", "image_id", "dx", "dx_type", "age", "sex", "localization")
+CHALLENGE_TRAIN_CSV = "ISIC_2020_Training_GroundTruth_v2.csv"
+CHALLENGE_TEST_CSV = "ISIC_2020_Test_Metadata.csv"
+CHALLENGE_TRAIN_DIR = "ISIC_2020_Training_JPEG"
+CHALLENGE_TEST_DIR = "ISIC_2020_Test_Input"
+CHALLENGE_TRAIN_COLUMNS = ISIC_TRAIN_COLUMNS[:2] + ("lesion_id",) + ISIC_TRAIN_COLUMNS[2:]
+CHALLENGE_TEST_COLUMNS = ("image", "patient", "sex", "age_approx", "anatom_site")
+ISIC2019_TRUTH_CSV = "ISIC_2019_Training_GroundTruth.csv"
+ISIC2019_META_CSV = "ISIC_2019_Training_Metadata.csv"
+ISIC2019_DIR = "ISIC_2019_Training_Input"
+ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
+ISIC2019_META_COLUMNS = ("image", "age_approx", "anatom_site_general", "lesion_id", "sex")
+_CSV_NAMES = ("train.csv", "test.csv", "HAM10000_metadata.csv", CHALLENGE_TRAIN_CSV, CHALLENGE_TEST_CSV,
+              ISIC2019_TRUTH_CSV, ISIC2019_META_CSV)
 
 MARKER = ".fastlesion_synth.json"
 """File in the dataset root recording the generation parameters (written after the CSV files)."""
@@ -166,9 +182,17 @@ def generate(
     * ``ham10000``: ``HAM10000_metadata.csv`` (``lesion_id,image_id,dx,dx_type,age,sex,localization``) with images
       split half/half over ``HAM10000_images_part_1/`` and ``HAM10000_images_part_2/``. Lesions (``HAM_0001234``)
       have 1-3 images with the same diagnosis.
+    * ``isic2020-challenge``: the same set as ISIC 2020 in the layout of the ISIC challenge download:
+      ``ISIC_2020_Training_GroundTruth_v2.csv`` (the ``isic2020`` columns plus ``lesion_id`` after ``patient_id``)
+      with images ``ISIC_2020_Training_JPEG/<image_name>.jpg``, and ``ISIC_2020_Test_Metadata.csv``
+      (``image,patient,sex,age_approx,anatom_site``) with images in ``ISIC_2020_Test_Input/``.
+    * ``isic2019``: ``ISIC_2019_Training_GroundTruth.csv`` (``image`` and the one-hot columns
+      ``MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK``; UNK all zero, SCC taken from about half the HAM-like ``akiec`` lesions)
+      and ``ISIC_2019_Training_Metadata.csv`` (``image,age_approx,anatom_site_general,lesion_id,sex``), images in
+      ``ISIC_2019_Training_Input/``; drawn like ``ham10000`` (``positive_rate`` = fraction of MEL).
 
     Args:
-        layout: ``"isic2020"`` or ``"ham10000"``.
+        layout: ``"isic2020"``, ``"ham10000"``, ``"isic2020-challenge"`` or ``"isic2019"``.
         out: dataset root (created). If it already holds a complete dataset generated with the same parameters,
             nothing is written.
         n: number of (training) images.
@@ -193,8 +217,8 @@ def generate(
             generator where it writes (a CSV of its names, anything in its image folders): they are never
             overwritten or deleted.
     """
-    if layout not in LAYOUTS:
-        raise DatasetError(f"synthetic layout {layout!r} unknown; choose one of {LAYOUTS}")
+    if layout not in ALL_LAYOUTS:
+        raise DatasetError(f"synthetic layout {layout!r} unknown; choose one of {ALL_LAYOUTS}")
     if n < 1:
         raise DatasetError(f"synthetic n must be >= 1, got {n}")
     if positive_rate is not None and not 0.0 < positive_rate < 1.0:
@@ -232,11 +256,14 @@ def generate(
 
 
 def _main_csv(layout: str) -> str:
-    return "train.csv" if layout == "isic2020" else "HAM10000_metadata.csv"
+    return {"isic2020": "train.csv", "isic2020-challenge": CHALLENGE_TRAIN_CSV,
+            "isic2019": ISIC2019_TRUTH_CSV}.get(layout, "HAM10000_metadata.csv")
 
 
 def _image_dirs(layout: str) -> tuple[str, ...]:
-    return ("train", "test") if layout == "isic2020" else ("HAM10000_images_part_1", "HAM10000_images_part_2")
+    return {"isic2020": ("train", "test"), "isic2020-challenge": (CHALLENGE_TRAIN_DIR, CHALLENGE_TEST_DIR),
+            "isic2019": (ISIC2019_DIR,)}.get(
+        layout, ("HAM10000_images_part_1", "HAM10000_images_part_2"))
 
 
 def _norm_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -300,12 +327,61 @@ def _is_complete(root: Path, marker: dict) -> bool:
 def _plan(params: dict) -> tuple[dict[str, tuple[Sequence[str], list[dict]]], list[_Spec]]:
     """The tables and image specs of a dataset (a pure function of the marker's ``params``)."""
     layout, n, rate = params["layout"], int(params["n"]), params["positive_rate"]
-    rng = np.random.default_rng([int(params["seed"]), _VERSION, LAYOUTS.index(layout)])
+    rng = np.random.default_rng([int(params["seed"]), _VERSION, _seed_index(layout)])
     sizer = _Sizer(None if params["size"] is None else (int(params["size"][0]), int(params["size"][1])),
                    bool(params["large"]))
     if layout == "isic2020":
         return _plan_isic(rng, n, 0.05 if rate is None else float(rate), sizer)
+    if layout == "isic2020-challenge":
+        return _as_challenge(*_plan_isic(rng, n, 0.05 if rate is None else float(rate), sizer))
+    if layout == "isic2019":
+        return _as_isic2019(*_plan_ham(rng, n, rate, sizer))
     return _plan_ham(rng, n, rate, sizer)
+
+
+_ISIC2019_OF_HAM = {"akiec": "AK", "bcc": "BCC", "bkl": "BKL", "df": "DF", "mel": "MEL", "nv": "NV", "vasc": "VASC"}
+_SITE_OF_HAM = {"back": "posterior torso", "trunk": "anterior torso", "abdomen": "anterior torso",
+                "chest": "anterior torso", "lower extremity": "lower extremity", "upper extremity": "upper extremity",
+                "face": "head/neck", "scalp": "head/neck", "neck": "head/neck", "ear": "head/neck",
+                "hand": "upper extremity", "foot": "lower extremity", "acral": "palms/soles",
+                "genital": "oral/genital"}
+
+
+def _as_isic2019(
+    tables: dict[str, tuple[Sequence[str], list[dict]]], specs: list[_Spec]
+) -> tuple[dict[str, tuple[Sequence[str], list[dict]]], list[_Spec]]:
+    """A HAM-like plan written as ISIC 2019: one-hot ground truth + metadata, images in one folder."""
+    specs = [dataclasses.replace(s, path=f"{ISIC2019_DIR}/{s.path.split('/', 1)[1]}") for s in specs]
+    truth, meta = [], []
+    akiec = sorted({r["lesion_id"] for r in tables["HAM10000_metadata.csv"][1] if r["dx"] == "akiec"})
+    scc = set(akiec[1::2])  # every other akiec lesion (in id order) becomes SCC, so both classes have images
+    for r in sorted(tables["HAM10000_metadata.csv"][1], key=lambda r: r["image_id"]):
+        cls = "SCC" if r["lesion_id"] in scc else _ISIC2019_OF_HAM[r["dx"]]
+        truth.append({"image": r["image_id"], **{c: f"{float(c == cls):.1f}" for c in ISIC2019_CLASSES}})
+        meta.append({"image": r["image_id"], "age_approx": r["age"],
+                     "anatom_site_general": _SITE_OF_HAM.get(r["localization"], ""),
+                     "lesion_id": r["lesion_id"], "sex": r["sex"] if r["sex"] != "unknown" else ""})
+    return {ISIC2019_TRUTH_CSV: (("image",) + ISIC2019_CLASSES, truth),
+            ISIC2019_META_CSV: (ISIC2019_META_COLUMNS, meta)}, specs
+
+
+def _as_challenge(
+    tables: dict[str, tuple[Sequence[str], list[dict]]], specs: list[_Spec]
+) -> tuple[dict[str, tuple[Sequence[str], list[dict]]], list[_Spec]]:
+    """An ISIC 2020 plan moved into the ISIC challenge download's file names (and its v2 ``lesion_id`` column)."""
+    dirs = {"train": CHALLENGE_TRAIN_DIR, "test": CHALLENGE_TEST_DIR}
+    specs = [dataclasses.replace(s, path=f"{dirs[s.path.split('/', 1)[0]]}/{s.path.split('/', 1)[1]}")
+             for s in specs]
+    train = [{**r, "lesion_id": f"IL_{7_000_000 + i:07d}"} for i, r in enumerate(tables["train.csv"][1])]
+    test = [{"image": r["image_name"], "patient": r["patient_id"], "sex": r["sex"], "age_approx": r["age_approx"],
+             "anatom_site": r["anatom_site_general_challenge"]} for r in tables["test.csv"][1]]
+    return {CHALLENGE_TRAIN_CSV: (CHALLENGE_TRAIN_COLUMNS, train),
+            CHALLENGE_TEST_CSV: (CHALLENGE_TEST_COLUMNS, test)}, specs
+
+
+def _seed_index(layout: str) -> int:
+    """The layout's part of the seed: the challenge layout draws the very set of ``isic2020`` (same seed, same n)."""
+    return ALL_LAYOUTS.index("isic2020" if layout == "isic2020-challenge" else layout)
 
 
 def _write_list(root: Path, names: list[str]) -> None:
@@ -318,7 +394,7 @@ def _write_list(root: Path, names: list[str]) -> None:
 def _written(root: Path) -> set[str]:
     """The files a previous generation wrote into `root` (its list; for a set made before the list was kept, its
     plan again from the marker's parameters); only the fixed CSV names when neither can be read."""
-    names = {"train.csv", "test.csv", "HAM10000_metadata.csv"}
+    names = set(_CSV_NAMES)
     try:
         return names | set((root / FILES).read_text().splitlines())
     except OSError:
@@ -337,8 +413,8 @@ def _prepare(root: Path, layout: str) -> None:
     """Make `root` ready for a fresh dataset: remove the files a previous synthetic set wrote, and refuse (naming
     one) when the root holds any other file where the generator writes (the user's own are never deleted)."""
     ours = _written(root) if (root / MARKER).exists() else set()
-    candidates = [root / name for name in ("train.csv", "test.csv", "HAM10000_metadata.csv")]
-    for lay in LAYOUTS:
+    candidates = [root / name for name in _CSV_NAMES]
+    for lay in ALL_LAYOUTS:
         for d in _image_dirs(lay):
             if (root / d).is_dir():
                 candidates += sorted(p for p in (root / d).rglob("*") if not p.is_dir())
@@ -351,7 +427,7 @@ def _prepare(root: Path, layout: str) -> None:
                            "folder")
     for p in present:
         p.unlink()
-    for lay in LAYOUTS:  # the image folders, when that left them empty
+    for lay in ALL_LAYOUTS:  # the image folders, when that left them empty
         for d in _image_dirs(lay):
             with contextlib.suppress(OSError):
                 (root / d).rmdir()

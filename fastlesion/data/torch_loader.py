@@ -2,6 +2,7 @@
 
 Same contract as the DALI loader (:class:`fastlesion.data.loader.Loader`): iterating yields
 ``(images, labels, idx)`` already on the training device, ``len()`` is the number of steps per epoch, known up front.
+An EXIF orientation tag is applied, as cameras, viewers and DALI's decoders do (:func:`open_rgb`).
 """
 
 from __future__ import annotations
@@ -11,12 +12,28 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fastlesion.config import LoaderConfig
 from fastlesion.data.loader import ShardedLoader
 from fastlesion.data.transforms import eval_transform, train_transform
 from fastlesion.errors import DatasetError
+
+
+def open_rgb(path: str) -> Image.Image:
+    """Decode ``path`` as RGB, turned upright by its EXIF orientation tag (if any, other than 1).
+
+    DALI's ``fn.decoders.image*`` apply the tag too (``adjust_orientation=True``), so both backends see a photo
+    the way a viewer shows it.
+    """
+    with Image.open(path) as im:
+        try:
+            orient = int(im.getexif().get(0x0112, 1) or 1)
+        except Exception:  # noqa: BLE001 - a broken EXIF block: decode the pixels as stored
+            orient = 1
+        if orient != 1:
+            im = ImageOps.exif_transpose(im)
+        return im.convert("RGB")
 
 
 class ImageTable(torch.utils.data.Dataset):
@@ -36,8 +53,7 @@ class ImageTable(torch.utils.data.Dataset):
         i, seed = item
         path = self.paths[i]
         try:
-            with Image.open(path) as im:
-                img = im.convert("RGB")
+            img = open_rgb(path)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             raise DatasetError(f"{path}: cannot decode image ({e}); run `fastlesion check` and set "
                                "data.exclude_file") from None

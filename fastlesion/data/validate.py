@@ -20,6 +20,12 @@ that decoder is unavailable or fails):
 * ``grayscale`` — mode L, LA, 1, I or F;
 * ``duplicate`` — the same bytes (sha1) as an earlier file in sorted path order; the detail names that first copy.
 
+Notes (:data:`NOTES`), report rows that exclude nothing:
+
+* ``oriented``  — the file carries an EXIF orientation tag other than 1: both loaders (PIL through
+  ``ImageOps.exif_transpose``, DALI through ``adjust_orientation``) turn it upright, as cameras and viewers do; the
+  count is in the summary, so a set whose stored pixels are already upright but tagged otherwise can be spotted.
+
 Progressive JPEGs are fine. ``cmyk`` and ``grayscale`` files are excluded by default (``exclude_color=True``):
 DALI decodes them with a different channel count / colour path than the rest of the set, so a batch mixing them
 either fails or silently trains on wrong colours.
@@ -54,6 +60,13 @@ from fastlesion.errors import DatasetError
 
 PROBLEMS = ("missing", "empty", "truncated", "corrupt", "not_jpeg", "cmyk", "grayscale", "duplicate")
 """Every problem name, in report order."""
+
+NOTES = ("oriented",)
+"""Report rows that are notes, not problems: the file is fine and never excluded."""
+
+_ORIENTATIONS = {2: "mirrored", 3: "upside down", 4: "flipped vertically", 5: "transposed",
+                 6: "rotated 90 degrees clockwise to display", 7: "transversed",
+                 8: "rotated 90 degrees counter-clockwise to display"}
 
 FATAL = ("missing", "empty", "truncated", "corrupt", "not_jpeg")
 """Problems that always exclude a file (it cannot be decoded as a JPEG)."""
@@ -295,6 +308,7 @@ def _inspect_into(path: str, info: dict[str, Any]) -> None:
             with img:
                 info["width"], info["height"] = img.size
                 info["mode"], info["format"] = img.mode, img.format
+                orientation = _orientation(img)
                 if structural is not None:  # already known bad: metadata only, no decode
                     problems.append(structural)
                     return
@@ -320,6 +334,18 @@ def _inspect_into(path: str, info: dict[str, Any]) -> None:
         problems.append(("cmyk", f"mode {info['mode']} (DALI decodes it through a different colour path)"))
     elif info["mode"] in _GRAY_MODES:
         problems.append(("grayscale", f"mode {info['mode']} (one channel where the rest of the set has three)"))
+    if orientation != 1:
+        what = _ORIENTATIONS.get(orientation, "unknown value")
+        problems.append(("oriented", f"EXIF orientation {orientation} ({what}): both loaders turn it upright; "
+                                     "not excluded"))
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation tag (1 when absent, 0 or unreadable)."""
+    try:
+        return int(img.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is not a reason to report the file
+        return 1
 
 
 def check_image(path: str) -> list[tuple[str, str]]:
@@ -418,7 +444,7 @@ def _frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
     for c in ("path", "problem", "detail", "mode", "format"):
         df[c] = df[c].astype(object)
     if len(df):
-        order = {p: i for i, p in enumerate(PROBLEMS)}
+        order = {p: i for i, p in enumerate(PROBLEMS + NOTES)}
         df = df.assign(_o=df["problem"].map(order)).sort_values(["path", "_o"], kind="stable").drop(columns="_o")
     return df.reset_index(drop=True)
 
@@ -479,6 +505,7 @@ class CheckResult:
             and, when ``exclude_color`` was true, ``cmyk`` and ``grayscale`` files; sorted.
         report_file: the ``check_report.csv`` written (None if not written).
         exclude_file: the ``exclude.txt`` written (None if not written).
+        n_oriented: files with an EXIF orientation tag other than 1 (a note in the report, not a problem).
     """
 
     report: pd.DataFrame
@@ -487,11 +514,17 @@ class CheckResult:
     excluded: list[str]
     report_file: Path | None = None
     exclude_file: Path | None = None
+    n_oriented: int = 0
+
+    @property
+    def problems(self) -> pd.DataFrame:
+        """The report's problem rows (without the :data:`NOTES`)."""
+        return self.report[~self.report["problem"].isin(NOTES)]
 
     @property
     def ok(self) -> bool:
-        """True when no problem at all was found."""
-        return len(self.report) == 0
+        """True when no problem at all was found (notes such as ``oriented`` are not problems)."""
+        return len(self.problems) == 0
 
 
 def exclusion_key(path: str | Path, root: str | Path | None = None) -> str:
@@ -558,8 +591,9 @@ def run_check(paths: Sequence[str], out_dir: str | Path, root: str | Path | None
         exclude_file.write_text("\n".join(lines) + "\n", encoding="utf-8")
     except OSError as e:
         raise DatasetError(f"{out}: cannot write the check report ({_one_line(e)})") from None
+    n_oriented = int(report.loc[report["problem"] == "oriented", "path"].nunique())
     return CheckResult(report=report, n_files=n_files + len(extra), n_bad=len(excluded), excluded=excluded,
-                       report_file=report_file, exclude_file=exclude_file)
+                       report_file=report_file, exclude_file=exclude_file, n_oriented=n_oriented)
 
 
 def read_exclude_file(path: str | Path, root: str | Path | None = None) -> set[str]:
@@ -600,7 +634,7 @@ def format_summary(result: CheckResult, max_names: int = 3) -> str:
     Returns:
         The lines, joined by newlines (no trailing newline).
     """
-    rep = result.report
+    rep = result.problems
     if result.ok:
         lines = [f"checked {result.n_files:,} files: no problems found"]
     else:
@@ -622,6 +656,12 @@ def format_summary(result: CheckResult, max_names: int = 3) -> str:
             more = f" (+{len(rows) - max_names:,} more)" if len(rows) > max_names else ""
             kept = "" if rows["path"].isin(excluded).all() else "  [kept: set exclude_color to exclude]"
             lines.append(f"  {problem:<{width}} {len(rows):>6,}  {', '.join(names)}{more}{kept}")
+    oriented = result.report.loc[result.report["problem"] == "oriented", "path"]
+    if len(oriented):
+        names = ", ".join(Path(p).name for p in oriented[:max_names])
+        more = f" (+{len(oriented) - max_names:,} more)" if len(oriented) > max_names else ""
+        lines.append(f"  {len(oriented):,} file(s) carry an EXIF orientation tag other than 1, turned upright when "
+                     f"loaded (not excluded): {names}{more}")
     if result.report_file is not None:
         lines.append(f"report: {result.report_file}")
     if result.exclude_file is not None and result.n_bad:

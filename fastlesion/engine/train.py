@@ -29,7 +29,7 @@ from fastlesion import dist
 from fastlesion.config import Config, replace
 from fastlesion.data.catalog import load_dataset
 from fastlesion.data.loader import build_loader
-from fastlesion.data.splits import split_dataset
+from fastlesion.data.splits import add_extra_train, split_dataset
 from fastlesion.engine import checkpoint as ckpt
 from fastlesion.engine.loop import EpochResult, EvalResult, NonFiniteLossError, evaluate, train_epoch
 from fastlesion.engine.losses import create_loss
@@ -54,7 +54,7 @@ def prepare_data(cfg: Config) -> TrainData:
     """Load the dataset (generating the synthetic set on first use), drop excluded files, split it (writing the
     folds file on first use). Done once per run: by the ``--ddp`` launcher, or by rank 0 for every rank."""
     ds = load_dataset(cfg.data, progress=not cfg.run.quiet)
-    return TrainData(ds=ds, split=split_dataset(ds, cfg.data))
+    return TrainData(ds=ds, split=add_extra_train(split_dataset(ds, cfg.data), ds, cfg.data))
 
 
 # --------------------------------------------------------------------------------------------------- one process
