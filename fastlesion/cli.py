@@ -155,12 +155,17 @@ def cmd_models(args: argparse.Namespace, extra: list[str]) -> int:
 
     from fastlesion.models import describe_models
 
-    t = Table(title="fastlesion models (params with 2 classes)")
-    for c in ("name", "family", "params", "note"):
-        t.add_column(c, justify="right" if c == "params" else "left")
-    for r in describe_models(num_classes=args.num_classes):
-        t.add_row(r["name"], r.get("family", ""), f"{r['params'] / 1e6:.2f}M", r.get("note", ""))
+    t = Table(title=f"fastlesion models (params with {args.num_classes} classes; GFLOPs: forward, one "
+                    f"{args.image_size}x{args.image_size} image)")
+    for c in ("name", "family", "params", "GFLOPs", "note"):
+        t.add_column(c, justify="right" if c in ("params", "GFLOPs") else "left")
+    rows = describe_models(num_classes=args.num_classes, image_size=args.image_size, name_filter=args.filter)
+    for r in rows:
+        flops = "-" if r.get("flops") is None else f"{r['flops'] / 1e9:.2f}"
+        t.add_row(r["name"], r.get("family", ""), f"{r['params'] / 1e6:.2f}M", flops, r.get("note", ""))
     Console().print(t)
+    if not rows:
+        print(f"no registered model name contains {args.filter!r}", file=sys.stderr)
     return 0
 
 
@@ -220,6 +225,25 @@ def cmd_explain(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_prune(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.prune import format_summary, prune_run
+
+    s = prune_run(args.run, args.out, amount=args.amount, method=args.method, finetune_epochs=args.finetune_epochs,
+                  finetune_lr=args.finetune_lr)
+    print(format_summary(s))
+    return 0
+
+
+def cmd_eda(args: argparse.Namespace, extra: list[str]) -> int:
+    from fastlesion.eda import run_eda
+
+    res = run_eda(args.root, args.out, dataset=args.dataset, csv=args.csv, overrides=_dotted(extra),
+                  samples=args.samples)
+    print(f"{res['n_images']} images, {len(res['classes'])} classes; wrote {res['summary']} and "
+          f"{len(res['files']) - 1} other files to {args.out}")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace, extra: list[str]) -> int:
     import yaml
 
@@ -254,7 +278,8 @@ def make_parser() -> argparse.ArgumentParser:
     t.set_defaults(fn=cmd_train)
 
     s = sub.add_parser("synth", help="write a synthetic ISIC 2020 / HAM10000 dataset")
-    s.add_argument("--layout", choices=["isic2020", "ham10000"], default="isic2020")
+    s.add_argument("--layout", choices=["isic2020", "ham10000", "isic2020-challenge", "isic2019"],
+                   default="isic2020")
     s.add_argument("--out", required=True)
     s.add_argument("--n", type=int, default=800, help="number of training images")
     s.add_argument("--seed", type=int, default=0)
@@ -266,7 +291,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("check", help="decode every image; report problems; write an exclusion list")
     c.add_argument("root", metavar="DATA_ROOT")
-    c.add_argument("--dataset", metavar="KIND", help="isic2020 | ham10000 | csv | folder (default: detected)")
+    c.add_argument("--dataset", metavar="KIND",
+                   help="isic2020 | isic2019 | ham10000 | csv | folder (default: detected)")
     c.add_argument("--csv", help="csv kind: the CSV file")
     c.add_argument("--out", help="where check_report.csv and exclude.txt go (default: DATA_ROOT)")
     c.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
@@ -285,12 +311,16 @@ def make_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list model names with parameter counts")
     m.add_argument("--num-classes", type=int, default=2)
+    m.add_argument("--image-size", dest="image_size", type=int, default=224,
+                   help="input side the GFLOPs column is counted at (default 224)")
+    m.add_argument("--filter", metavar="SUBSTR", help="only the models whose name contains SUBSTR")
     m.set_defaults(fn=cmd_models)
 
     e = sub.add_parser("eval", help="metrics and plots of a checkpoint on a split")
     e.add_argument("checkpoint")
     e.add_argument("--data", metavar="ROOT", help="another dataset root than the checkpoint's")
-    e.add_argument("--dataset", metavar="KIND", help="isic2020 | ham10000 | csv | folder (default: detected)")
+    e.add_argument("--dataset", metavar="KIND",
+                   help="isic2020 | isic2019 | ham10000 | csv | folder (default: detected)")
     e.add_argument("--split", choices=["val", "test", "all"], default="val")
     e.add_argument("--tta", action="store_true", help="average over flips")
     e.add_argument("--out", help="output folder (default: next to the checkpoint)")
@@ -331,6 +361,31 @@ def make_parser() -> argparse.ArgumentParser:
     xp.add_argument("--n", type=int, default=16, help="images of --split")
     xp.add_argument("--class", dest="target_class", help="class to explain (default: the predicted one)")
     xp.set_defaults(fn=cmd_explain)
+
+    pn = sub.add_parser("prune", help="prune a trained model (structured channels or unstructured weights) and "
+                                      "measure params, FLOPs, size, CPU latency and val AUC before and after")
+    pn.add_argument("run", metavar="RUN_DIR", help="run folder (its best.pt) or a checkpoint file")
+    pn.add_argument("--amount", type=float, default=0.5, help="fraction of channels (structured) or weights "
+                                                              "(unstructured) to remove (default 0.5)")
+    pn.add_argument("--method", choices=["structured", "unstructured"], default="structured",
+                    help="structured: remove channels with torch-pruning (pip install torch-pruning); "
+                         "unstructured: global L1 weight pruning (zeros, same shapes)")
+    pn.add_argument("--finetune-epochs", dest="finetune_epochs", type=int, default=0,
+                    help="fine-tune the pruned model this many epochs on its training fold")
+    pn.add_argument("--finetune-lr", dest="finetune_lr", type=float,
+                    help="constant fine-tuning lr (default: a tenth of the run's optim.lr)")
+    pn.add_argument("--out", required=True, metavar="DIR", help="folder for best.pt and summary.json")
+    pn.set_defaults(fn=cmd_prune)
+
+    ed = sub.add_parser("eda", help="a look at a dataset: class balance per fold, groups, image sizes, metadata, "
+                                    "sample grids and summary.md")
+    ed.add_argument("root", metavar="DATA_ROOT")
+    ed.add_argument("--dataset", metavar="KIND",
+                   help="isic2020 | isic2019 | ham10000 | csv | folder (default: detected)")
+    ed.add_argument("--csv", help="csv kind: the CSV file")
+    ed.add_argument("--samples", type=int, default=8, help="thumbnails per class in samples_<class>.png")
+    ed.add_argument("--out", required=True, metavar="DIR")
+    ed.set_defaults(fn=cmd_eda)
 
     cf = sub.add_parser("config", help="print the resolved config (or --reference: every key)")
     add_config_args(cf)

@@ -539,9 +539,26 @@ def load_pretrained(model: nn.Module, path: str, strict_head: bool = False, stri
     file = Path(path)
     if not file.is_file():
         raise ModelError(f"weights file {file} not found" + (" (it is a directory)" if file.is_dir() else ""))
-    state = _extract_state_dict(_read_weights(file), file)
+    raw = _read_weights(file)
+    state = _extract_state_dict(raw, file)
+    if isinstance(raw, Mapping) and raw.get("pruned_structure"):  # `fastlesion prune --method structured`
+        _reshape_pruned(model, raw["pruned_structure"], state, file)
     info = _load_state(model, state, f"weights file {file}", strict_head=strict_head, strict=strict)
     return {"path": str(file), **info}
+
+
+def _reshape_pruned(model: nn.Module, structure: dict, state: Mapping[str, torch.Tensor], file: Path) -> None:
+    """Give ``model`` the channel counts of a structurally pruned checkpoint, so its weights fit (and a run that
+    starts from it keeps the pruned, smaller network; its own checkpoints record the structure again)."""
+    from fastlesion.prune import apply_structure
+
+    n_out = [t.shape[0] for k, t in state.items() if k.endswith(".weight") and t.ndim == 2]
+    want = model.state_dict()
+    head = [k for k, t in want.items() if k.endswith(".weight") and t.ndim == 2]
+    if head and n_out and want[head[-1]].shape[0] != n_out[-1]:
+        raise ModelError(f"weights file {file}: a structurally pruned model of {n_out[-1]} classes cannot start a "
+                         f"{want[head[-1]].shape[0]}-class model (its head's inputs were pruned with its body)")
+    apply_structure(model, structure, dict(state))
 
 
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, arch: str | None = None,
@@ -643,27 +660,75 @@ def _count_for(name: str, num_classes: int) -> int:
         return count_params(create_model(name, num_classes=num_classes))
 
 
-def describe_models(names: list[str] | None = None, num_classes: int = 2) -> list[dict]:
-    """Rows for ``fastlesion models``: name, family, trainable parameters and note.
+def count_flops(model: nn.Module, image_size: int = 224, in_chans: int = 3) -> int:
+    """Forward FLOPs of one ``in_chans x image_size x image_size`` image, counted by
+    ``torch.utils.flop_counter.FlopCounterMode`` (a multiply-add counts as 2 FLOPs; convolutions, matmuls and
+    attention are counted, elementwise ops such as activations and normalisation are not).
+
+    The input is made on the device of the model's first parameter, so a model built on the meta device is counted
+    without memory or compute. The model is run in eval mode under ``torch.no_grad`` and put back in its mode.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    p = next(model.parameters(), None)
+    x = torch.zeros(1, in_chans, image_size, image_size, device=p.device if p is not None else "cpu",
+                    dtype=p.dtype if p is not None and p.dtype.is_floating_point else torch.float32)
+    was_training = model.training
+    model.eval()
+    try:
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def _flops_for(name: str, num_classes: int, image_size: int) -> int | None:
+    """Forward FLOPs of ``name`` at ``image_size``: built and run on the meta device (no memory, ~0.1 s a model on
+    a 2-core CPU), else on CPU; None where the architecture cannot run at that size (a ViT at another size)."""
+    try:
+        with torch.device("meta"):
+            return count_flops(create_model(name, num_classes=num_classes), image_size)
+    except ModelError:
+        raise
+    except Exception:  # noqa: BLE001 - some initialisers or ops refuse meta tensors
+        pass
+    try:
+        return count_flops(create_model(name, num_classes=num_classes), image_size)
+    except Exception as e:  # noqa: BLE001 - e.g. a fixed-size ViT at another image size
+        log.warning("%s: no FLOPs at image size %d (%s)", name, image_size, _first_line(e))
+        return None
+
+
+def describe_models(names: list[str] | None = None, num_classes: int = 2, image_size: int | None = 224,
+                    name_filter: str | None = None) -> list[dict]:
+    """Rows for ``fastlesion models``: name, family, trainable parameters, forward FLOPs and note.
 
     Args:
         names: Models to describe (registry or timm names); None = the whole registry.
         num_classes: Head size the parameter counts assume.
+        image_size: Input side the FLOPs are counted at (one ``3 x image_size x image_size`` image, forward);
+            None leaves FLOPs out (``flops`` is None).
+        name_filter: Keep only names containing this substring (case-insensitive).
 
     Returns:
-        ``[{"name", "family", "params", "note"}, ...]`` in the order asked (registry: sorted).
+        ``[{"name", "family", "params", "flops", "note"}, ...]`` in the order asked (registry: sorted); ``flops``
+        is an int (see :func:`count_flops`) or None where the model cannot run at ``image_size``.
 
     Raises:
         ModelError: An unknown name.
     """
     rows = []
     for name in list_models() if names is None else names:
+        if name_filter and name_filter.lower() not in name.lower():
+            continue
         entry = _REGISTRY.get(name)
         rows.append(
             {
                 "name": name,
                 "family": entry.family if entry else "timm",
                 "params": _count_for(name, num_classes),
+                "flops": _flops_for(name, num_classes, image_size) if image_size else None,
                 "note": entry.note if entry else "timm architecture outside the curated registry",
             }
         )

@@ -249,7 +249,7 @@ def test_count_params_trainable_only() -> None:
 def test_describe_models_matches_count_params() -> None:
     rows = M.describe_models(["lenet", "resnet18"], num_classes=2)
     assert [r["name"] for r in rows] == ["lenet", "resnet18"]
-    assert set(rows[0]) == {"name", "family", "params", "note"}
+    assert set(rows[0]) == {"name", "family", "params", "flops", "note"}
     assert rows[0]["params"] == M.count_params(M.create_model("lenet", num_classes=2))
     assert rows[1]["params"] == M.count_params(M.create_model("resnet18", num_classes=2))
     assert rows[1]["family"] == "resnet"

@@ -16,7 +16,7 @@ import pandas as pd
 from torch import nn
 
 from fastlesion.config import Config, config_from_dict, replace
-from fastlesion.data.catalog import ISIC_CLASSES, detect_kind, load_dataset, load_isic2020_test
+from fastlesion.data.catalog import ISIC_CLASSES, detect_kind, isic2020_test_csv, load_dataset, load_isic2020_test
 from fastlesion.data.loader import build_loader
 from fastlesion.data.splits import split_dataset
 from fastlesion.engine import checkpoint as ckpt
@@ -42,6 +42,10 @@ def load_checkpoint_model(path: str | Path, rt: Runtime) -> tuple[nn.Module, dic
         raise FastlesionError(f"{path}: not a fastlesion checkpoint (no 'model'/'classes')")
     cfg = config_from_dict(state["config"], str(path))
     model = create_model(state["model_name"], num_classes=len(state["classes"]))
+    if state.get("pruned_structure"):  # `fastlesion prune --method structured`: fewer channels than create_model's
+        from fastlesion.prune import apply_structure
+
+        apply_structure(model, state["pruned_structure"], state["model"])
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:
@@ -113,11 +117,12 @@ def eval_checkpoint(path: str | Path, overrides: list[str] | dict | None = None,
 
 
 def image_table(data: str | Path) -> tuple[pd.DataFrame, str]:
-    """Unlabelled images to predict: an ISIC root (its ``test.csv``) or a folder of images."""
+    """Unlabelled images to predict: an ISIC root (Kaggle's ``test.csv`` or the challenge's
+    ``ISIC_2020_Test_Metadata.csv``) or a folder of images."""
     from fastlesion.data.catalog import IMAGE_EXTS
 
     root = Path(data)
-    if (root / "test.csv").is_file():
+    if isic2020_test_csv(root) is not None:
         return load_isic2020_test(root), "image_name"
     if root.is_dir():
         files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTS)

@@ -151,7 +151,9 @@ def checkpoint_state(s: Session, metrics: dict | None = None) -> dict[str, Any]:
             "scaler": s.scaler.state_dict(), "plateau": s.plateau.state_dict(), "early": vars(s.early).copy(),
             "ema": s.ema.module.state_dict() if s.ema else None, "epoch": s.epoch, "global_step": s.global_step,
             "rng": ckpt.rng_state(), "classes": s.classes, "model_name": s.cfg.model.name,
-            "config": to_dict(s.cfg), "metrics": metrics or {}, "rows": s.rows, "train_seconds": s.train_seconds()}
+            "config": to_dict(s.cfg), "metrics": metrics or {}, "rows": s.rows, "train_seconds": s.train_seconds(),
+            # a run started from a structurally pruned model (``--pretrained DIR/best.pt``) stays rebuildable
+            "pruned_structure": getattr(s.net.raw, "fastlesion_pruned_structure", None)}
 
 
 def restore(s: Session, state: dict[str, Any]) -> None:
