@@ -1,7 +1,9 @@
 """Merge benchmark results from several machines into one table and one bar chart per model.
 
-Rows of ``train_throughput.py`` and ``end_to_end.py`` (JSON lines) are grouped by machine (a label from the row's
-hardware fingerprint: GPU name, or CPU model and host), then pivoted: one line per (benchmark, model, mode or
+Rows of ``train_throughput.py``, ``end_to_end.py`` and ``loader_throughput.py`` (JSON lines) are grouped by machine:
+by the row's hardware fingerprint (software versions left out), shown as a label (GPU name, or CPU model and host;
+machines whose labels are equal but whose fingerprints differ get `` #<6 hex digits of the fingerprint>`` appended),
+then pivoted: one line per (benchmark, model, mode or
 backend, image size, requested batch size), one column per machine with the metric and its ratio to the reference
 machine (the first one unless ``--reference`` names another). Repeated measurements of one case on one machine are
 merged by their median; only rows with ``status == "ok"`` count.
@@ -16,6 +18,8 @@ and prints the table.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import math
 import re
 import sys
@@ -45,11 +49,55 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+SOFTWARE_KEYS = frozenset({"python", "platform", "torch", "torchvision", "dali", "timm", "pillow", "numpy",
+                           "torch_cuda", "gpu_driver", "cuda_version", "note"})
+"""Fingerprint keys that name software, not the machine: a new torch or driver on one machine stays one machine."""
+
+
 def row_machine(row: dict[str, Any]) -> str:
     fp = row.get("fingerprint")
     if isinstance(fp, dict) and fp and "error" not in fp:
         return common.machine_label(fp)
     return str(row.get("machine") or row.get("device_name") or "unknown machine")
+
+
+def machine_key(row: dict[str, Any]) -> str:
+    """What tells machines apart: the row's hardware fingerprint (software versions and empty values left out), or
+    its label where the row has no usable fingerprint."""
+    fp = row.get("fingerprint")
+    if isinstance(fp, dict) and fp and "error" not in fp:
+        hw = {k: v for k, v in fp.items() if k not in SOFTWARE_KEYS and v not in (None, "", [], {})}
+        return "fp:" + json.dumps(hw, sort_keys=True, default=str)
+    return "label:" + row_machine(row)
+
+
+def machine_names(keyed: list[tuple[str, str]]) -> dict[str, str]:
+    """``{key: name}`` for ``(key, label)`` pairs in order of first appearance: the label, with `` #<hash>`` (6 hex
+    digits of the fingerprint) appended where machines with different fingerprints share a label."""
+    labels: dict[str, str] = {}
+    for key, label in keyed:
+        labels.setdefault(key, label)
+    count: dict[str, int] = {}
+    for label in labels.values():
+        count[label] = count.get(label, 0) + 1
+    return {key: label if count[label] == 1 else f"{label} #{hashlib.sha1(key.encode()).hexdigest()[:6]}"
+            for key, label in labels.items()}
+
+
+def file_machines(files: list[str], labels: dict[str, str] | None = None) -> dict[tuple[str, str], str]:
+    """The machine name of every (file, machine key) in ``files``: ``--label`` names first, then fingerprints
+    (equal labels of different fingerprints disambiguated by :func:`machine_names`)."""
+    labels = labels or {}
+    keyed: list[tuple[str, str]] = []
+    seen: list[tuple[str, str]] = []
+    for f in files:
+        own = labels.get(f) or labels.get(str(Path(f).resolve()))
+        for r in common.read_jsonl(f):
+            key = "file:" + own if own else machine_key(r)
+            keyed.append((key, own or row_machine(r)))
+            seen.append((f, key))
+    names = machine_names(keyed)
+    return {(f, key): names[key] for f, key in seen}
 
 
 def row_config(row: dict[str, Any]) -> str:
@@ -65,16 +113,18 @@ def row_config(row: dict[str, Any]) -> str:
 def load_rows(files: list[str], labels: dict[str, str], metric: str) -> tuple[pd.DataFrame, list[str], dict]:
     """Rows of all files as a frame (one line per measurement) and machines in order of first appearance."""
     records, machines, files_of, seen_metric = [], [], {}, False
+    names = file_machines(files, labels)
     for f in files:
         rows = common.read_jsonl(f)
         if not rows:
             print(f"warning: {f}: no rows", file=sys.stderr)
+        own = labels.get(f) or labels.get(str(Path(f).resolve()))
         for r in rows:
             missing = [k for k in common.REQUIRED_KEYS if k not in r]
             if missing:
                 print(f"warning: {f}: a row without {missing} skipped", file=sys.stderr)
                 continue
-            machine = labels.get(f) or labels.get(str(Path(f).resolve())) or row_machine(r)
+            machine = names[(f, "file:" + own if own else machine_key(r))]
             if machine not in machines:
                 machines.append(machine)
             files_of.setdefault(machine, set()).add(f)
@@ -202,10 +252,11 @@ def plot_models(out: Path, table: pd.DataFrame, machines: list[str], reference: 
 def machine_details(files: list[str]) -> dict[str, str]:
     """CPU / RAM / GPU summary of each machine from the first fingerprint seen."""
     details: dict[str, str] = {}
+    names = file_machines(files)
     for f in files:
         for r in common.read_jsonl(f):
             fp = r.get("fingerprint")
-            m = row_machine(r)
+            m = names[(f, machine_key(r))]
             if m in details or not isinstance(fp, dict):
                 continue
             cores = common.cpu_cores(fp)

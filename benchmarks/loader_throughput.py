@@ -8,19 +8,41 @@ DataLoader workers:
 * ``large``  — 2048-6000 px wide JPEGs like the ISIC 2020 originals (quality 90);
 * ``large512`` (optional) — the large set after ``fastlesion prepare --size 512`` (shorter side 512).
 
+Peers (``--backends``; all of them by default) run the same work with the same threads (DataLoader workers = DALI
+threads), batch size and output size, so the library's loaders are compared with what users would write otherwise:
+
+* ``pil`` — a plain DataLoader: ``Image.open(p).convert("RGB")``, then torchvision v2 ``RandomResizedCrop`` (the
+  loader's ``scale``/``ratio``), flips, rotation and colour jitter (as ``LoaderConfig`` sets them), ``ToImage``,
+  ``ToDtype(float32, scale=True)``, ``Normalize``;
+* ``pil-draft`` — the same, but the crop is drawn first (same distribution relative to the original image) and
+  the JPEG is decoded by PIL's DCT scaling (``Image.draft("RGB", ...)``) at the smallest scale (1/2, 1/4, 1/8) that
+  still leaves the crop at least ``--image-size`` pixels on its shorter side;
+* ``torchvision-decode`` — ``torchvision.io.read_file`` + ``decode_jpeg`` on CPU in the DataLoader workers, then the v2
+  transforms on uint8 tensors; with CUDA (``--device cuda``/``auto`` with a GPU) the workers only read the files'
+  bytes and the main process decodes a whole batch with ``decode_jpeg(list_of_bytes, device="cuda")`` (nvJPEG),
+  then runs the v2 transforms per sample on GPU tensors.
+
+``--data ROOT [--dataset KIND]`` measures on any catalog dataset (isic2020, isic2019, ham10000, csv, folder; the
+kind is detected unless given) instead of the synthetic sets. The summary ends with one line per scale: the library's
+default loader (what ``loader.backend=auto`` picks here: DALI on the GPU or CPU when installed, else torch) against
+the fastest peer; rows carry ``vs_best_peer``.
+
 Each repeat runs one epoch (a new shuffle), drops the first ``--warmup`` batches (pipeline start, worker start,
 first decodes) and times the rest; the reported number is the median over ``--repeats``, the backends interleaved
 so that a busy machine slows them alike. The ratio is to the torch loader measured in the same run.
+``--aug-strength 0`` turns rotation and colour jitter off for every row alike (each row names the augmentation ran).
 Results are printed as a table and appended as JSON lines to ``--out``: rows like the other benchmarks' (device name,
 hardware fingerprint, settings, CPU use of the process tree while timed), plus the loader's own keys.
 
 Example:
     python benchmarks/loader_throughput.py --threads 2 --out benchmarks/results.jsonl
+    python benchmarks/loader_throughput.py --data /data/isic2020 --n 2000 --backends torch,dali-cpu,pil,pil-draft
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import sys
@@ -38,7 +60,13 @@ from benchmarks import common  # noqa: E402
 SCALES = {"medium": {"size": 600, "large": False}, "large": {"size": None, "large": True},
           "large512": {"size": None, "large": True, "prepare": 512}}
 DEFAULT_N = {"medium": 480, "large": 192, "large512": 192}
-BACKENDS = ("torch", "dali-cpu", "dali-gpu")
+LIBRARY = ("torch", "dali-cpu", "dali-gpu")
+"""The library's own loaders (:func:`fastlesion.data.loader.build_loader`)."""
+PEERS = ("pil", "pil-draft", "torchvision-decode")
+"""What users write without the library: plain PIL, PIL with DCT-scaled decoding, torchvision's decoder."""
+BACKENDS = LIBRARY + PEERS
+DRAFT_FACTORS = (8, 4, 2, 1)
+"""JPEG DCT scalings PIL's ``Image.draft`` offers (1/8 .. 1/1), largest reduction first."""
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -56,8 +84,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="batches dropped at the start of every repeat")
     p.add_argument("--warmup-epochs", type=int, default=1,
                    help="untimed epochs per backend before the repeats (worker start, memory pools, page cache)")
-    p.add_argument("--backends", default="torch,dali-cpu,dali-gpu",
-                   help="comma-separated subset of torch, dali-cpu, dali-gpu (gpu only runs with CUDA)")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help="comma-separated subset of torch, dali-cpu, dali-gpu (the library's loaders; gpu only with "
+                        "CUDA) and the peers pil, pil-draft, torchvision-decode (GPU decode with CUDA)")
+    p.add_argument("--data", default=None,
+                   help="measure on this dataset root instead of the synthetic --scales (any catalog kind); "
+                        "--n then keeps the first N images (default all)")
+    p.add_argument("--scale-label", default=None,
+                   help="with --data: the rows' image_scale (default: the root's folder name), e.g. medium to line "
+                        "them up with the synthetic medium rows in compare.py")
+    p.add_argument("--dataset", default=None,
+                   help="kind of --data: isic2020, isic2019, ham10000, csv, folder (default: detected)")
+    p.add_argument("--device", default="auto", help="auto (CUDA when there is one), cuda or cpu: where dali-gpu "
+                                                    "and torchvision-decode decode")
+    p.add_argument("--aug-strength", type=float, default=1.0,
+                   help="loader.aug_strength of every row: rotation and colour jitter scale (0 = crops and flips "
+                        "only); every row runs the same augmentation")
     p.add_argument("--cache", default=None, help="folder of the synthetic sets (default ~/.cache/fastlesion/bench)")
     p.add_argument("--seed", type=int, default=0, help="synthetic set and shuffling seed")
     p.add_argument("--no-fast-idct", action="store_true", help="DALI: accurate IDCT in training too")
@@ -84,10 +126,28 @@ def dataset(scale: str, n: int, seed: int, cache: Path, threads: int):
     return load_isic2020(root).table
 
 
-def image_dims(paths: list[str]) -> str:
-    """Median width x height of the set, e.g. ``600x450``."""
+def catalog_dataset(root: str, kind: str | None, limit: int | None):
+    """(scale label, table) of a catalog dataset at ``root`` (``kind`` detected unless given), its first ``limit``
+    rows when given."""
+    from fastlesion.config import DATASET_KINDS, DataConfig
+    from fastlesion.data.catalog import detect_kind, load_dataset
+
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise common.BenchmarkError(f"--data {root}: no such folder")
+    if kind is not None and (kind not in DATASET_KINDS or kind == "synthetic"):
+        raise common.BenchmarkError(f"--dataset: unknown kind {kind!r}; choose from "
+                                    f"{', '.join(k for k in DATASET_KINDS if k != 'synthetic')}")
+    ds = load_dataset(DataConfig(dataset=kind or detect_kind(path), root=str(path), limit=limit), progress=False)
+    return (path.resolve().name or "data"), ds.table
+
+
+def image_dims(paths: list[str], sample: int = 256) -> str:
+    """Median width x height of the set (of ``sample`` images spread over it), e.g. ``600x450``."""
     from PIL import Image
 
+    if len(paths) > sample:
+        paths = [paths[i * len(paths) // sample] for i in range(sample)]
     dims = []
     for p in paths:
         with Image.open(p) as im:
@@ -98,11 +158,182 @@ def image_dims(paths: list[str]) -> str:
 
 
 def make_loader(backend: str, table, cfg, image_size: int, device: torch.device):
-    """The training loader of ``backend`` through :func:`fastlesion.data.loader.build_loader`, as training builds it;
-    batches land on ``device`` for dali-gpu, on the CPU for torch and dali-cpu."""
+    """The training loader of ``backend``: the library's through :func:`fastlesion.data.loader.build_loader`, as
+    training builds it, a peer's through :class:`PeerLoader`; batches land on ``device`` for dali-gpu and for
+    torchvision-decode with CUDA, on the CPU for the rest."""
+    if backend in PEERS:
+        return PeerLoader(backend, table, cfg, image_size, device)
     from fastlesion.data.loader import build_loader
 
     return build_loader(table, cfg, image_size, train=True, device=device if backend == "dali-gpu" else "cpu")
+
+
+# ------------------------------------------------------------------------------------------------------ peers
+def augmentation(cfg) -> str:
+    """The augmentation every row runs, in words: ``rrc(0.35-1, 0.75-1.33) hflip 0.5 vflip 0.5 rotate 30 jitter
+    (0.2, 0.2, 0.2, 0.02) normalise``."""
+    from fastlesion.data.transforms import jitter
+
+    j = jitter(cfg)
+    parts = [f"rrc({cfg.scale[0]:g}-{cfg.scale[1]:g}, {cfg.ratio[0]:.3g}-{cfg.ratio[1]:.3g})"]
+    parts += [f"{k} {getattr(cfg, k):g}" for k in ("hflip", "vflip") if getattr(cfg, k) > 0]
+    if j["rotate"] > 0:
+        parts.append(f"rotate {j['rotate']:g}")
+    if any(j[k] > 0 for k in ("brightness", "contrast", "saturation", "hue")):
+        parts.append("jitter(" + ", ".join(f"{j[k]:g}" for k in ("brightness", "contrast", "saturation", "hue"))
+                     + ")")
+    return " ".join(parts + ["normalise"])
+
+
+def peer_transforms(cfg, image_size: int, crop: bool = True):
+    """The v2 pipeline of the peers with ``cfg``'s augmentation (the library's ``train_transform`` in v2 terms):
+    RandomResizedCrop (unless ``crop`` is False: pil-draft crops itself), flips, rotation and colour jitter where
+    their strength is above 0, ToImage, ToDtype(float32, scale=True), Normalize."""
+    from torchvision.transforms import v2
+
+    from fastlesion.data.transforms import MEAN, STD, jitter
+
+    j = jitter(cfg)
+    ops = [v2.RandomResizedCrop(image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), antialias=True)] \
+        if crop else []
+    if cfg.hflip > 0:
+        ops.append(v2.RandomHorizontalFlip(cfg.hflip))
+    if cfg.vflip > 0:
+        ops.append(v2.RandomVerticalFlip(cfg.vflip))
+    if j["rotate"] > 0:
+        ops.append(v2.RandomRotation(j["rotate"]))
+    if any(j[k] > 0 for k in ("brightness", "contrast", "saturation", "hue")):
+        ops.append(v2.ColorJitter(j["brightness"], j["contrast"], j["saturation"], j["hue"]))
+    ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    return v2.Compose(ops)
+
+
+def draft_factor(crop_short_side: int, image_size: int) -> int:
+    """The largest JPEG DCT reduction (8, 4, 2 or 1) that leaves a crop whose shorter side is ``crop_short_side``
+    original pixels at least ``image_size`` pixels."""
+    return next(f for f in DRAFT_FACTORS if crop_short_side / f >= image_size or f == 1)
+
+
+def draft_open(path: str, image_size: int, scale: tuple[float, float], ratio: tuple[float, float]):
+    """pil-draft's decode: draw the random resized crop on the original size first (the distribution of
+    ``RandomResizedCrop``), then decode the JPEG at the smallest DCT scale (``Image.draft``) that still leaves the
+    crop >= ``image_size`` pixels on both sides. Returns ``(RGB image as decoded, (top, left, height, width) of the
+    crop in the decoded image, reduction factor asked for)``."""
+    from PIL import Image
+    from torchvision.transforms import RandomResizedCrop
+
+    with Image.open(path) as im:
+        width, height = im.size
+        top, left, h, w = RandomResizedCrop.get_params(im, list(scale), list(ratio))
+        factor = draft_factor(min(h, w), image_size)
+        if factor > 1:  # PIL picks scale = min(W // req_w, H // req_h) >= factor (== factor for real sizes)
+            im.draft("RGB", (width // factor, height // factor))
+        img = im.convert("RGB")
+    sx, sy = img.width / width, img.height / height
+    h2, w2 = min(img.height, max(1, round(h * sy))), min(img.width, max(1, round(w * sx)))
+    top2, left2 = min(round(top * sy), img.height - h2), min(round(left * sx), img.width - w2)
+    return img, (top2, left2, h2, w2), factor
+
+
+class PeerImages(torch.utils.data.Dataset):
+    """Item ``i`` of a peer: ``(CHW float tensor, label, i)``; for torchvision-decode on the GPU ``(the file's
+    bytes, label, i)``, decoded by the loader a batch at a time."""
+
+    def __init__(self, peer: str, paths: list[str], labels, cfg, image_size: int, gpu: bool = False) -> None:
+        self.peer, self.paths, self.labels, self.gpu = peer, paths, labels, gpu
+        self.image_size, self.scale, self.ratio = image_size, tuple(cfg.scale), tuple(cfg.ratio)
+        self.transform = None if gpu else peer_transforms(cfg, image_size, crop=peer != "pil-draft")
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        path, label = self.paths[i], int(self.labels[i])
+        if self.peer == "pil":
+            from PIL import Image
+
+            with Image.open(path) as im:
+                return self.transform(im.convert("RGB")), label, i
+        if self.peer == "pil-draft":
+            from torchvision.transforms.v2 import functional as F
+
+            img, (top, left, h, w), _ = draft_open(path, self.image_size, self.scale, self.ratio)
+            img = F.resized_crop(img, top, left, h, w, [self.image_size, self.image_size], antialias=True)
+            return self.transform(img), label, i
+        if self.gpu:  # plain bytes: pickled through the worker queue (a list of tensors would go as shared-memory
+            return Path(path).read_bytes(), label, i  # file descriptors, one per image, and read_file's fail there)
+        from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
+
+        data = read_file(path)
+        jpeg = data.numel() > 2 and int(data[0]) == 0xFF and int(data[1]) == 0xD8
+        img = (decode_jpeg if jpeg else decode_image)(data, mode=ImageReadMode.RGB)
+        return self.transform(img), label, i
+
+
+def _bytes_collate(items):
+    data, labels, idx = zip(*items)
+    return list(data), torch.tensor(labels, dtype=torch.int64), torch.tensor(idx, dtype=torch.int64)
+
+
+class _OrderSampler(torch.utils.data.Sampler):
+    """This epoch's shard of the order (set by :meth:`PeerLoader.set_epoch`)."""
+
+    def __init__(self) -> None:
+        self.indices: list[int] = []
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class PeerLoader:
+    """A peer in the loader contract the benchmark times: ``for x, y, idx in loader``, ``len``, ``set_epoch``,
+    ``backend`` (the peer's name), ``device_name`` (where it decodes). A torch DataLoader with ``cfg.workers``
+    workers, ``cfg.prefetch`` batches each and the library's epoch orders and batch bookkeeping
+    (:class:`~fastlesion.data.loader.ShardedLoader`), so only the decoding and augmenting code differs."""
+
+    def __init__(self, peer: str, table, cfg, image_size: int, device: torch.device) -> None:
+        from fastlesion.data.loader import ShardedLoader
+
+        self.backend = peer
+        self.gpu = peer == "torchvision-decode" and torch.device(device).type == "cuda"
+        self.device_name = "gpu" if self.gpu else "cpu"
+        self.device = torch.device(device) if self.gpu else torch.device("cpu")
+        self.orders = ShardedLoader(table, cfg, train=True, device=self.device, image_size=image_size)
+        self.batch_size, self.workers = self.orders.batch_size, self.orders.workers
+        self.image_size = image_size
+        self.transform = peer_transforms(cfg, image_size) if self.gpu else None
+        dataset = PeerImages(peer, table["path"].tolist(), self.orders.labels, cfg, image_size, gpu=self.gpu)
+        self.sampler = _OrderSampler()
+        self.set_epoch(0)
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=self.batch_size, sampler=self.sampler, num_workers=self.workers,
+            drop_last=self.orders.drop_last, persistent_workers=self.workers > 0,
+            prefetch_factor=self.orders.prefetch if self.workers > 0 else None,
+            collate_fn=_bytes_collate if self.gpu else None)
+
+    def __len__(self) -> int:
+        return len(self.orders)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.indices = self.orders.shard(self.orders.draw_order(epoch)).tolist()
+
+    def __iter__(self):
+        for x, y, idx in self.loader:
+            if self.gpu:
+                x = self.decode_gpu(x)
+            yield x, y, idx
+
+    def decode_gpu(self, data: list[bytes]) -> torch.Tensor:
+        """A batch of JPEG files' bytes -> uint8 tensors -> nvJPEG's batched decode on the GPU
+        (``decode_jpeg(list, device="cuda")``) -> the v2 transforms per sample there, stacked."""
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        encoded = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in data]
+        images = decode_jpeg(encoded, mode=ImageReadMode.RGB, device=self.device)
+        return torch.stack([self.transform(img) for img in images])
 
 
 def time_epoch(loader, epoch: int, warmup: int, device: torch.device) -> tuple[float, int, common.CpuMeter]:
@@ -162,6 +393,35 @@ def resolve_backends(text: str, device: torch.device) -> tuple[list[str], list[s
     return backends, notes
 
 
+def default_backend(device: torch.device) -> str:
+    """The row of the library's default loader (``loader.backend=auto``): dali-gpu / dali-cpu when DALI is
+    installed (gpu with CUDA), else torch."""
+    from fastlesion.data.loader import dali_available
+
+    if not dali_available():
+        return "torch"
+    return "dali-gpu" if device.type == "cuda" else "dali-cpu"
+
+
+def peer_ratios(rows: list[dict[str, Any]], default: str) -> list[str]:
+    """Set ``best_peer`` and ``vs_best_peer`` in ``rows`` (one scale's) and return the scale's summary line:
+    ``default dali-cpu vs best peer torchvision-decode: 1.12x``."""
+    peers = [r for r in rows if r["mode"] in PEERS]
+    best = max(peers, key=lambda r: r["images_per_s"]) if peers else None
+    for r in rows:
+        r["best_peer"] = best["mode"] if best else None
+        r["vs_best_peer"] = round(r["images_per_s"] / best["images_per_s"], 3) if best else None
+        r["default_backend"] = default
+    scale = rows[0]["image_scale"] if rows else "?"
+    mine = next((r for r in rows if r["mode"] == default), None)
+    if best is None:
+        return [f"{scale}: default {default} vs best peer: no peer measured (add pil, pil-draft or "
+                "torchvision-decode to --backends)"]
+    if mine is None:
+        return [f"{scale}: default {default} vs best peer {best['mode']}: {default} not measured"]
+    return [f"{scale}: default {default} vs best peer {best['mode']}: {mine['vs_best_peer']:.2f}x"]
+
+
 def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     """Run the benchmark; return the rows (also appended to ``--out``)."""
     args = parse_args(argv)
@@ -173,22 +433,35 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if bad or not scales:
         raise common.BenchmarkError(f"--scales: unknown scale {bad[0] if bad else args.scales!r} "
                                     f"(choose from {', '.join(SCALES)})")
-    device = common.resolve_device("auto")
+    if args.aug_strength < 0:
+        raise common.BenchmarkError(f"--aug-strength must be >= 0, got {args.aug_strength}")
+    device = common.resolve_device(args.device)
     backends, run_notes = resolve_backends(args.backends, device)
     if device.type == "cpu":
         run_notes.append("no GPU: CPU rows")
+    datasets = [catalog_dataset(args.data, args.dataset, args.n)] if args.data else None
+    if datasets:
+        scales = [args.scale_label or datasets[0][0]]
     torch.set_num_threads(max(1, args.threads))
     fast_idct = not args.no_fast_idct
-    configs = {b: common.loader_config(b, args.batch_size, args.threads, args.seed, fast_idct=fast_idct)
-               for b in backends}
+    configs = {b: dataclasses.replace(common.loader_config(b if b in LIBRARY else "torch", args.batch_size,
+                                                           args.threads, args.seed, fast_idct=fast_idct),
+                                      aug_strength=args.aug_strength) for b in backends}
+    default = default_backend(device)
+    aug = augmentation(configs["torch"])
+    summary: list[str] = []
     settings = dict(vars(args))
     settings.update(device_resolved=str(device), backends_resolved=backends, scales_resolved=scales,
                     argv=sys.argv[1:] if argv is None else argv)
     command = " ".join(["python", "benchmarks/loader_throughput.py", *(argv or sys.argv[1:])])
     rows: list[dict[str, Any]] = []
     for scale in scales:
-        n = args.n or DEFAULT_N[scale]
-        data = dataset(scale, n, args.seed, cache, args.threads)
+        if datasets:
+            data = datasets[0][1]
+            n = len(data)
+        else:
+            n = args.n or DEFAULT_N[scale]
+            data = dataset(scale, n, args.seed, cache, args.threads)
         dims = image_dims(data["path"].tolist())
         loaders = {b: make_loader(b, data, configs[b], args.image_size, device) for b in backends}
         runs: dict[str, list[float]] = {b: [] for b in backends}
@@ -231,23 +504,30 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "proc_cpu_percent": _median([c["proc_cpu_percent"] for c in cpu[b]]),
                 "cpu_cores": cpu[b][0]["cpu_cores"],
                 "command": command, "status": "ok", "error": None, "notes": "; ".join(run_notes),
+                "peer": b in PEERS, "augmentation": aug, "data_root": str(Path(args.data).expanduser().resolve())
+                if args.data else None,
             })
+        summary += peer_ratios(scale_rows, default)
         common.append_jsonl(args.out, scale_rows)
         rows += scale_rows
     _print_results(rows, args)
+    print(f"augmentation (every row): {aug}")
     common.print_notes(run_notes, rows, args.out)
+    for line in summary:
+        print(line)
     return rows
 
 
 def _print_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     table = [[r["image_scale"], f"{r['image_dims']} x{r['n_images']}", r["backend"], r["device"], r["threads"],
               f"{r['images_per_s']:.1f}", f"{min(r['runs_images_per_s']):.1f}-{max(r['runs_images_per_s']):.1f}",
-              f"{r['ratio_vs_torch']:.2f}x", f"{r['cpu_ms_per_image']:.1f}",
+              f"{r['ratio_vs_torch']:.2f}x", "-" if r["vs_best_peer"] is None else f"{r['vs_best_peer']:.2f}x",
+              f"{r['cpu_ms_per_image']:.1f}",
               "-" if r["proc_cpu_percent"] is None else f"{r['proc_cpu_percent']:.1f}"] for r in rows]
     common.print_table(f"loader throughput: train pipeline, {args.image_size}px, batch {args.batch_size}, "
                        f"{args.threads} threads/workers, median of {args.repeats}",
                        ["scale", "images", "backend", "device", "threads", "images/s", "range", "vs torch",
-                        "CPU ms/img", "proc CPU %"], table)
+                        "vs best peer", "CPU ms/img", "proc CPU %"], table)
     if rows:
         fp = rows[0]["fingerprint"]
         print(f"machine: {rows[0]['machine']}, {fp.get('ram_gb')} GB RAM; torch {fp.get('torch')}, "

@@ -398,3 +398,148 @@ def test_loader_throughput_as_a_script_fails_with_one_error_line(tmp_path):
                          timeout=120)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == [res.stderr.strip()] and res.stderr.startswith("error: --scales")
+
+
+# ------------------------------------------------------------------------------------------------ loader peers
+PEER_ARGV = ["--threads", "1", "--batch-size", "4", "--image-size", "32", "--repeats", "1", "--warmup", "1",
+             "--warmup-epochs", "0"]
+
+
+def test_loader_throughput_peers_yield_rows_and_the_default_vs_best_peer_line(tmp_path, one_thread, capsys):
+    out = tmp_path / "peers.jsonl"
+    argv = ["--scales", "medium", "--n", "12", *PEER_ARGV, "--backends", ",".join(loader_throughput.PEERS),
+            "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert loader_throughput.main(argv) == 0
+    rows = read_rows(out)
+    assert [r["mode"] for r in rows] == ["torch", *loader_throughput.PEERS]  # torch is always there (the ratio)
+    best = max((r for r in rows if r["peer"]), key=lambda r: r["images_per_s"])
+    for r in rows:
+        assert set(common.REQUIRED_KEYS) <= set(r)
+        assert r["status"] == "ok" and r["images_per_s"] > 0 and r["timed_images_per_repeat"] == 8
+        assert r["backend"] == r["mode"] and r["device"] == ("gpu" if r["mode"] == "torchvision-decode"
+                                                             and torch.cuda.is_available() else "cpu")
+        assert r["peer"] is (r["mode"] != "torch")
+        assert r["augmentation"].startswith("rrc(0.35-1, 0.75-1.33) hflip 0.5 vflip 0.5 rotate 30 jitter(")
+        assert r["best_peer"] == best["mode"]
+        assert r["vs_best_peer"] == pytest.approx(r["images_per_s"] / best["images_per_s"], rel=0.01)
+    lines = capsys.readouterr().out.strip().splitlines()
+    default = loader_throughput.default_backend(common.resolve_device("auto"))
+    assert lines[-1].startswith(f"medium: default {default} vs best peer {best['mode']}: ")
+    if default == "torch":
+        assert lines[-1].endswith(f"{rows[0]['vs_best_peer']:.2f}x")
+
+
+def test_loader_throughput_peers_same_augmentation_off_for_every_row(tmp_path, one_thread):
+    from PIL import Image
+
+    from fastlesion.data.transforms import jitter
+
+    out = tmp_path / "peers.jsonl"
+    argv = ["--scales", "medium", "--n", "8", *PEER_ARGV, "--backends", "torch,pil", "--aug-strength", "0",
+            "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert loader_throughput.main(argv) == 0
+    rows = read_rows(out)
+    assert {r["augmentation"] for r in rows} == {"rrc(0.35-1, 0.75-1.33) hflip 0.5 vflip 0.5 normalise"}
+    cfg = common.loader_config("torch", 4, 1)
+    names = [type(t).__name__ for t in loader_throughput.peer_transforms(cfg, 32).transforms]
+    assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "RandomVerticalFlip", "RandomRotation",
+                     "ColorJitter", "ToImage", "ToDtype", "Normalize"]
+    assert jitter(cfg)["rotate"] == 30
+    x = loader_throughput.peer_transforms(cfg, 32)(Image.new("RGB", (60, 45)))
+    assert x.shape == (3, 32, 32) and x.dtype == torch.float32
+
+
+def test_loader_throughput_on_a_catalog_dataset(tmp_path, one_thread):
+    from fastlesion.data.synthetic import generate
+
+    root = generate("isic2020", tmp_path / "tiny-isic", n=12, seed=0, size=160, workers=1, progress=False)
+    out = tmp_path / "data.jsonl"
+    argv = ["--data", str(root), *PEER_ARGV, "--backends", "torch,pil-draft,torchvision-decode", "--out", str(out)]
+    assert loader_throughput.main(argv) == 0
+    rows = read_rows(out)
+    assert [r["mode"] for r in rows] == ["torch", "pil-draft", "torchvision-decode"]
+    for r in rows:
+        assert set(common.REQUIRED_KEYS) <= set(r)
+        assert r["image_scale"] == "tiny-isic" and r["n_images"] == 12 and r["image_dims"] == "160x120"
+        assert r["data_root"] == str(Path(root).resolve()) and r["status"] == "ok"
+    assert loader_throughput.main(["--data", str(root), "--dataset", "isic2020", "--n", "8", *PEER_ARGV,
+                                   "--backends", "torch", "--out", str(out)]) == 0
+    assert read_rows(out)[-1]["n_images"] == 8
+    assert loader_throughput.main(["--data", str(tmp_path / "nope"), "--backends", "torch"]) == 2
+    assert loader_throughput.main(["--data", str(root), "--dataset", "bogus", "--backends", "torch"]) == 2
+
+
+def test_pil_draft_decodes_smaller_but_keeps_the_crop_at_least_image_size(tmp_path):
+    from PIL import Image
+
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (2400, 1800), (200, 120, 90)).save(big, quality=90)
+    assert loader_throughput.draft_factor(2000, 224) == 8 and loader_throughput.draft_factor(1000, 224) == 4
+    assert loader_throughput.draft_factor(500, 224) == 2 and loader_throughput.draft_factor(300, 224) == 1
+    assert loader_throughput.draft_factor(100, 224) == 1
+    torch.manual_seed(0)
+    for image_size in (64, 224, 512, 1500):
+        for _ in range(20):
+            img, (top, left, h, w), factor = loader_throughput.draft_open(str(big), image_size, (0.35, 1.0),
+                                                                          (0.75, 4 / 3))
+            assert img.size == (-(-2400 // factor), -(-1800 // factor))
+            if factor > 1:  # decoded smaller, yet the crop still has >= image_size pixels on both sides
+                assert min(h, w) >= image_size
+            assert 0 <= top and top + h <= img.height and 0 <= left and left + w <= img.width
+            # the shortest crop side is >= 1065 px here (area >= 0.35, ratio 3/4..4/3): 1/8, 1/4, 1/2 decodes
+            assert factor >= {64: 8, 224: 4, 512: 2, 1500: 1}[image_size]
+            if image_size == 64:
+                assert img.size == (300, 225)
+    small = tmp_path / "small.jpg"
+    Image.new("RGB", (300, 225)).save(small)
+    img, _, factor = loader_throughput.draft_open(str(small), 224, (0.35, 1.0), (0.75, 4 / 3))
+    assert factor == 1 and img.size == (300, 225)  # nothing to gain: decoded whole
+
+
+def test_compare_keeps_equal_labels_with_different_fingerprints_apart(tmp_path):
+    fp1 = {"cpu_model": "AMD EPYC", "cpu_cores_logical": 2, "hostname": "vm", "ram_gb": 23.5,
+           "cpu_simd": ["avx2", "avx512f"], "torch": "2.14.1"}
+    fp2 = {**fp1, "ram_gb": 7.8, "cpu_simd": ["avx2"]}
+    fp1_new_torch = {**fp1, "torch": "2.15.0", "platform": "Linux-6.9"}  # software only: the same machine
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    common.append_jsonl(a, [_row("resnet18", "eager-fp32-nchw", 10.0, fp1, "cpu: AMD EPYC"),
+                            _row("resnet18", "eager-fp32-nchw", 12.0, fp1_new_torch, "cpu: AMD EPYC")])
+    common.append_jsonl(b, [_row("resnet18", "eager-fp32-nchw", 30.0, fp2, "cpu: AMD EPYC")])
+    assert common.machine_label(fp1) == common.machine_label(fp2) == "AMD EPYC (2 cores) @ vm"
+    res = compare.compare([str(a), str(b)], out=tmp_path / "cmp", plots=False)
+    machines = res["machines"]
+    assert len(machines) == 2 and machines[0] != machines[1]
+    assert all(m.startswith("AMD EPYC (2 cores) @ vm #") for m in machines)
+    row = res["table"].iloc[0]
+    assert row[machines[0]] == pytest.approx(11.0) and row[machines[1]] == pytest.approx(30.0)
+    assert row[f"{machines[1]} / ref"] == pytest.approx(30.0 / 11.0)
+    md = (tmp_path / "cmp" / "comparison.md").read_text()
+    assert f"M1: {machines[0]}" in md and f"M2: {machines[1]}" in md and "RAM 7.8 GB" in md
+    again = compare.compare([str(a), str(b)], out=tmp_path / "cmp2", plots=False)  # a stable name, run to run
+    assert again["machines"] == machines
+    assert compare.compare([str(a), str(b)], reference=machines[1], out=tmp_path / "cmp3",
+                           plots=False)["reference"] == machines[1]
+    one = compare.compare([str(a)], out=tmp_path / "cmp4", plots=False)  # no clash: the plain label
+    assert one["machines"] == ["AMD EPYC (2 cores) @ vm"]
+
+
+def test_torchvision_decode_batched_path_runs_through_workers(tmp_path, monkeypatch):
+    """The GPU path of torchvision-decode (workers read bytes, the loader decodes a batch with one decode_jpeg call,
+    then transforms per sample), with the CPU standing in for CUDA: what crosses the worker queue must pickle."""
+    from fastlesion.data.catalog import load_isic2020
+    from fastlesion.data.synthetic import generate
+
+    root = generate("isic2020", tmp_path / "tiny", n=8, seed=0, size=96, workers=1, progress=False)
+    table = load_isic2020(Path(root)).table
+    cfg = common.loader_config("torch", 2, 1)
+    init = loader_throughput.PeerImages.__init__
+    monkeypatch.setattr(loader_throughput.PeerImages, "__init__",
+                        lambda self, *a, gpu=False: init(self, *a, gpu=True))
+    loader = loader_throughput.PeerLoader("torchvision-decode", table, cfg, 32, torch.device("cpu"))
+    loader.gpu, loader.transform = True, loader_throughput.peer_transforms(cfg, 32)
+    loader.loader.collate_fn = loader_throughput._bytes_collate
+    seen = []
+    for x, y, idx in loader:
+        assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+        seen += idx.tolist()
+    assert sorted(seen) == list(range(8))

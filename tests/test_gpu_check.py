@@ -111,3 +111,22 @@ def test_stage_dali_parts_go_back_together(tmp_path):
     got = repo / ".gpu-stage" / "site" / "nvidia" / "dali" / "lib.so"
     assert hashlib.sha256(got.read_bytes()).digest() == hashlib.sha256(blob).digest()
     assert (repo / ".gpu-stage" / "site" / "nvidia" / "dali" / "__init__.py").read_text() == "__version__ = 'fake'\n"
+
+
+def test_gpu_check_stage1_runs_the_loader_peers_without_dali():
+    """Stage 1 (nothing carried, no DALI) measures the peers on both synthetic sets; stage 2 keeps the DALI rows."""
+    text = GPU_CHECK.read_text()
+    stage1 = text[text.index("stage1() {"):text.index("stage2() {")]
+    stage2 = text[text.index("stage2() {"):text.index("echo \"gpu_check: stage(s)")]
+    assert "PEER_BACKENDS=torch,pil,pil-draft,torchvision-decode" in text
+    for name, data in (("loader-peers", '--data "$MEDIUM" --dataset isic2020 --n "$N_PEERS" --scale-label medium'),
+                       ("loader-peers-large", '--n "$N_LARGE" --scales large')):
+        line = next(x for x in stage1.splitlines() if x.strip().startswith(f"step 1 {name} "))
+        i = stage1.index(line)
+        command = stage1[i:stage1.index("\n", stage1.index("--backends", i))]
+        assert data in command and '--device "$DEV"' in command
+        assert '--backends "$PEER_BACKENDS"' in command and "dali" not in command
+    # the peers come last, so a spent budget skips them rather than the large set stage 2 needs
+    assert stage1.index("step 1 data-large") < stage1.index("step 1 loader-peers ") \
+        < stage1.index("step 1 loader-peers-large")
+    assert stage2.count("--backends torch,dali-cpu,dali-gpu") == 2

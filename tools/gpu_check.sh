@@ -7,7 +7,9 @@
 #                                     (pytest -m gpu -k "not dali"), the train-step matrix (resnet50, 224 px,
 #                                     batch 256: eager fp32, eager bf16 NCHW, eager bf16 channels_last, compile bf16
 #                                     channels_last), synthetic 600x450 JPEGs and end to end from them through the
-#                                     torch DataLoader, then ISIC-size JPEGs for stage 2 (most valuable first)
+#                                     torch DataLoader, then ISIC-size JPEGs for stage 2 (most valuable first), then
+#                                     the loader peers on both sets (torch DataLoader vs plain PIL, PIL draft
+#                                     decoding, torchvision decode_jpeg on the GPU: no DALI needed)
 #   STAGE=2 bash tools/gpu_check.sh   once DALI is staged (tools/stage_dali.sh): DALI's GPU tests (pytest -m gpu
 #                                     -k dali: a GPU test that needs DALI has dali in its file or test name), loader
 #                                     throughput DALI gpu vs DALI cpu vs torch at all CPU threads (600x450 JPEGs),
@@ -25,7 +27,8 @@
 #     GPU_CHECK_DRY=1 bash tools/gpu_check.sh            (tests/test_gpu_check.py runs it)
 #
 # Settings (environment): STAGE (1, 2 or 1,2; default 1, and 1,2 in the rehearsal), OUT, PY (python3), THREADS
-# (all cores), BUDGET_S (540), N_MEDIUM (4096 images of 600x450), N_LARGE (192 images 2000-6000 px wide),
+# (all cores), BUDGET_S (540), N_MEDIUM (4096 images of 600x450), N_LARGE (192 images 2000-6000 px wide), N_PEERS
+# (1024: the first medium images the stage-1 peers read),
 # FASTLESION_CACHE (default .gpu-stage/cache, kept between the calls to one warm machine), TAIL (12: lines of each
 # step's output printed; all of it is in the log).
 set -uo pipefail
@@ -71,13 +74,19 @@ if [ "$DRY" = 1 ]; then  # the same commands, tiny
   TRAIN_SIZE=(--models lenet --image-sizes 32 --batch-sizes 4 --steps 2 --warmup 1 --repeats 1 --device cpu)
   E2E_SIZE=(--model lenet --batch-size 4 --image-size 32 --steps 2 --warmup 1 --repeats 1 --device cpu)
   LOADER_SIZE=(--batch-size 1 --repeats 1 --warmup 1 --warmup-epochs 0)
+  LOADER_LARGE_SIZE=("${LOADER_SIZE[@]}")
+  N_PEERS=${N_PEERS:-$N_MEDIUM}
 else
   DEV=cuda; E2E_DALI=dali-gpu
   TRAIN_SIZE=(--models resnet50 --image-sizes 224 --batch-sizes 256 --steps 20 --warmup 5 --repeats 3 --device cuda)
   E2E_SIZE=(--model resnet50 --batch-size 256 --image-size 224 --steps 20 --warmup 5 --repeats 3 --device cuda)
   LOADER_SIZE=(--batch-size 128 --repeats 5 --warmup 2 --warmup-epochs 1)
+  # N_LARGE images make N_LARGE / 128 = 1 batch of 128 (too few for --warmup 2): batches of 32, 6 an epoch
+  LOADER_LARGE_SIZE=(--batch-size 32 --repeats 3 --warmup 1 --warmup-epochs 1)
+  N_PEERS=${N_PEERS:-1024}
 fi
 MODES=eager-fp32-nchw,eager-bf16-nchw,eager-bf16-cl,compile-bf16-cl
+PEER_BACKENDS=torch,pil,pil-draft,torchvision-decode  # stage 1: no DALI; torchvision-decode decodes on the GPU
 
 MACHINE='
 import os, sys
@@ -148,6 +157,11 @@ stage1() {
   step 1 e2e-torch 240 "${E2E[@]}" "${E2E_SIZE[@]}" --data "$MEDIUM" --dataset isic2020 --workers "$THREADS" \
       --backends torch
   step 1 data-large 120 "${SYNTH[@]}" --out "$LARGE" --n "$N_LARGE" --large  # for stage 2, made here while cheap
+  # the peers last (the budget skips them first): the first N_PEERS medium images, all the large ones
+  step 1 loader-peers 120 "${LOADER[@]}" --data "$MEDIUM" --dataset isic2020 --n "$N_PEERS" --scale-label medium \
+      "${LOADER_SIZE[@]}" --device "$DEV" --backends "$PEER_BACKENDS"
+  step 1 loader-peers-large 120 "${LOADER[@]}" --n "$N_LARGE" --scales large "${LOADER_LARGE_SIZE[@]}" \
+      --device "$DEV" --backends "$PEER_BACKENDS"
 }
 
 stage2() {
@@ -157,7 +171,7 @@ stage2() {
       --backends torch,dali-cpu,dali-gpu
   step 2 e2e-dali 240 "${E2E[@]}" "${E2E_SIZE[@]}" --data "$MEDIUM" --dataset isic2020 --workers "$THREADS" \
       --backends "$E2E_DALI"
-  step 2 loader-large 150 "${LOADER[@]}" --n "$N_LARGE" --scales large "${LOADER_SIZE[@]}" \
+  step 2 loader-large 150 "${LOADER[@]}" --n "$N_LARGE" --scales large "${LOADER_LARGE_SIZE[@]}" \
       --backends torch,dali-cpu,dali-gpu
 }
 
@@ -185,10 +199,10 @@ done
 echo; echo "=== steps ($((SECONDS - T0)) s in all; rows, logs and tables under $OUT)"
 for s in ${STAGES//,/ }; do printf '| stage | step | status | s | notes |\n|---|---|---|---:|---|\n' \
     > "$OUT/stage$s-summary.md"; done
-printf '%-5s %-12s %-30s %5s  %s\n' stage step status s notes
+printf '%-5s %-18s %-30s %5s  %s\n' stage step status s notes
 for line in "${STATUS[@]}"; do
   IFS='|' read -r st name verdict dt info <<< "$line"
-  printf '%-5s %-12s %-30s %5s  %s\n' "$st" "$name" "$verdict" "$dt" "$info"
+  printf '%-5s %-18s %-30s %5s  %s\n' "$st" "$name" "$verdict" "$dt" "$info"
   echo "| $st | $name | $verdict | $dt | $info |" >> "$OUT/stage$st-summary.md"
 done
 if ((FAILED)); then echo "gpu_check: SOME STEPS FAILED (see above and $OUT/stage*.log)"; exit 1; fi
