@@ -582,17 +582,23 @@ def changed_keys(old: Config, new: Config) -> list[str]:
             if getattr(getattr(old, s), f.name) != getattr(getattr(new, s), f.name)]
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """The YAML document of ``path`` (None for an empty file); a missing file or bad YAML is one ConfigError."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{p}: config file not found")
+        raise ConfigError(f"{p}: {what} not found")
     try:
-        d = yaml.safe_load(p.read_text())
+        return yaml.safe_load(p.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A config file's sections, checked for shape (an empty file: the defaults)."""
+    d = read_yaml(path)
     if d is None:  # an empty file (or only comments): the defaults
         return {}
-    _check_sections(d, str(p))
+    _check_sections(d, str(path))
     return d
 
 

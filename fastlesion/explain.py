@@ -156,23 +156,11 @@ def hardest_images(model: nn.Module, cfg, rt, classes: list[str], split: str, n:
                    path: str | Path) -> pd.DataFrame:
     """The ``n`` images of ``split`` (``val``: the checkpoint's fold, ``test``, ``all``) with the highest loss:
     columns ``path, label, loss`` (label as the class index), hardest first."""
-    from fastlesion.data.catalog import load_dataset
     from fastlesion.data.loader import build_loader
-    from fastlesion.data.splits import split_dataset
+    from fastlesion.engine.inference import split_table
     from fastlesion.engine.loop import evaluate
 
-    ds = load_dataset(cfg.data, progress=False)
-    if list(ds.classes) != list(classes):
-        raise FastlesionError(f"{path}: checkpoint classes {classes} do not match the dataset's {ds.classes}")
-    if split == "all":
-        table = ds.table
-    else:
-        parts = split_dataset(ds, cfg.data)
-        table = {"val": parts.val, "test": parts.test}.get(split)
-        if table is None:
-            raise FastlesionError(f"--split must be val, test or all, got {split!r}")
-        if len(table) == 0:
-            raise FastlesionError(f"the {split} split is empty (set data.holdout > 0 for a test split)")
+    _, table = split_table(cfg, split, classes, path)
     loader = build_loader(table, cfg.loader, cfg.data.image_size, train=False, device=rt.device,
                           channels_last=rt.channels_last)
     res = evaluate(model, loader, rt)

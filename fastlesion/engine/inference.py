@@ -67,6 +67,23 @@ def _data_overrides(saved: Config, data: str | Path | None, dataset: str | None)
     return [f"data.root={data}", f"data.dataset={dataset}"]
 
 
+def split_table(cfg: Config, split: str, classes: list[str], path: str | Path) -> tuple[Any, pd.DataFrame]:
+    """``(dataset, table)`` of a checkpoint's ``split``: ``val`` (its fold), ``test`` (holdout) or ``all``; the
+    dataset's classes must be the checkpoint's."""
+    ds = load_dataset(cfg.data, progress=False)
+    if list(ds.classes) != list(classes):
+        raise FastlesionError(f"{path}: checkpoint classes {list(classes)} do not match the dataset's {ds.classes}")
+    if split == "all":
+        return ds, ds.table
+    parts = split_dataset(ds, cfg.data)
+    table = {"val": parts.val, "test": parts.test}.get(split)
+    if table is None:
+        raise FastlesionError(f"--split must be val, test or all, got {split!r}")
+    if len(table) == 0:
+        raise FastlesionError(f"the {split} split is empty (set data.holdout > 0 for a test split)")
+    return ds, table
+
+
 def eval_checkpoint(path: str | Path, overrides: list[str] | dict | None = None, split: str = "val",
                     tta: bool = False, out: str | Path | None = None, data: str | Path | None = None,
                     dataset: str | None = None) -> dict[str, Any]:
@@ -87,19 +104,7 @@ def eval_checkpoint(path: str | Path, overrides: list[str] | dict | None = None,
     cfg = replace(saved, _data_overrides(saved, data, dataset))
     rt = inference_runtime(cfg)
     model, state, _ = load_checkpoint_model(path, rt)
-    ds = load_dataset(cfg.data, progress=False)
-    if list(ds.classes) != list(state["classes"]):
-        raise FastlesionError(f"{path}: checkpoint classes {state['classes']} do not match the dataset's "
-                              f"{ds.classes}")
-    if split == "all":
-        table = ds.table
-    else:
-        parts = split_dataset(ds, cfg.data)
-        table = {"val": parts.val, "test": parts.test}.get(split)
-        if table is None:
-            raise FastlesionError(f"--split must be val, test or all, got {split!r}")
-        if len(table) == 0:
-            raise FastlesionError(f"the {split} split is empty (set data.holdout > 0 for a test split)")
+    ds, table = split_table(cfg, split, state["classes"], path)
     loader = build_loader(table, cfg.loader, cfg.data.image_size, train=False, device=rt.device,
                           channels_last=rt.channels_last)
     res = evaluate(model, loader, rt, tta=tta)

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from fastlesion.config import SECTIONS, Config, ConfigError, check_key, replace
+from fastlesion.config import SECTIONS, Config, ConfigError, check_key, read_yaml, replace
 from fastlesion.errors import FastlesionError
 from fastlesion.tune.resources import import_ray
 
@@ -114,14 +112,7 @@ def load_space(path: str | Path | None = None) -> dict[str, Param]:
     """Read a space YAML file (None: :data:`DEFAULT_SPACE`)."""
     if path is None:
         return parse_space(DEFAULT_SPACE, "default search space")
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: search space file not found")
-    try:
-        d = yaml.safe_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return parse_space(d, str(p))
+    return parse_space(read_yaml(path, "search space file"), str(Path(path)))
 
 
 def space_to_dict(space: dict[str, Param]) -> dict[str, Any]:
