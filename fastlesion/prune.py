@@ -89,6 +89,13 @@ def structure_of(model: nn.Module, name: str, num_classes: int) -> dict[str, dic
     return changed
 
 
+def apply_checkpoint_structure(model: nn.Module, checkpoint: dict[str, Any]) -> None:
+    """Give a fresh ``create_model`` network the channel counts ``checkpoint`` recorded (``pruned_structure``), so
+    that its ``"model"`` weights fit; a no-op for a checkpoint of an unpruned model."""
+    if checkpoint.get(STRUCTURE_KEY):
+        apply_structure(model, checkpoint[STRUCTURE_KEY], checkpoint["model"])
+
+
 def apply_structure(model: nn.Module, structure: dict[str, dict[str, Any]], weights: dict[str, torch.Tensor]) -> None:
     """Reshape a fresh ``create_model`` network in place into the pruned one: set the stored module attributes and
     give every parameter / buffer the shape it has in ``weights`` (contents follow with ``load_state_dict``).

@@ -122,3 +122,6 @@ def test_structured_checkpoint_starts_a_new_run(runs, tiny_isic, tmp_path):
 
     model, _, _ = load_checkpoint_model(out / "best.pt", inference_runtime(cfg))
     assert count_params(model) == summary["params_after"]
+    # and such a run resumes: last.pt's weights go into the pruned network, not into create_model's
+    resumed = train(load_config(out / "config.yaml", {"train.epochs": 2}), resume=out)
+    assert resumed["epochs_run"] == 2 and resumed["params"] == summary["params_after"]

@@ -36,16 +36,14 @@ def inference_runtime(cfg: Config) -> Runtime:
 def load_checkpoint_model(path: str | Path, rt: Runtime) -> tuple[nn.Module, dict[str, Any], Config]:
     """The eager model of a checkpoint on ``rt.device``, the checkpoint dict and its config."""
     from fastlesion.models import create_model
+    from fastlesion.prune import apply_checkpoint_structure
 
     state = ckpt.load(path)
     if "model" not in state or "classes" not in state:
         raise FastlesionError(f"{path}: not a fastlesion checkpoint (no 'model'/'classes')")
     cfg = config_from_dict(state["config"], str(path))
     model = create_model(state["model_name"], num_classes=len(state["classes"]))
-    if state.get("pruned_structure"):  # `fastlesion prune --method structured`: fewer channels than create_model's
-        from fastlesion.prune import apply_structure
-
-        apply_structure(model, state["pruned_structure"], state["model"])
+    apply_checkpoint_structure(model, state)  # `fastlesion prune --method structured`: fewer channels
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as e:

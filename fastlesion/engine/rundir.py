@@ -311,15 +311,16 @@ class RunDir:
         """An epoch's files: best.pt (+ predictions) when it improved, last.pt, metrics.csv; its line; the report."""
         if not self.active:
             return
+        state = checkpoint_state(s, metrics)  # one state for both files: best.pt is last.pt plus the ROC data
         if improved:
             self.best_metrics, self.best_roc = metrics, (res.labels, res.probs)
             # best.pt keeps the best epoch's labels and probabilities: a resumed run draws the same roc.png
-            ckpt.save_atomic({**checkpoint_state(s, metrics), "val_labels": torch.as_tensor(np.asarray(res.labels)),
+            ckpt.save_atomic({**state, "val_labels": torch.as_tensor(np.asarray(res.labels)),
                               "val_probs": torch.as_tensor(np.asarray(res.probs))}, self.path / "best.pt")
             if s.cfg.run.save_predictions:
                 predictions_frame(s.data.split.val, res, s.classes).to_csv(self.path / "predictions_val.csv",
                                                                            index=False)
-        ckpt.save_atomic(checkpoint_state(s, metrics), self.path / "last.pt")
+        ckpt.save_atomic(state, self.path / "last.pt")
         write_metrics_csv(self.path, s.rows, s.classes)
         self.tracker.epoch(row["epoch"], row)  # after last.pt: a resume never repeats an epoch it logged
         console.print(epoch_line(row, s.cfg.train.epochs, improved))

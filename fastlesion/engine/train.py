@@ -58,16 +58,20 @@ def prepare_data(cfg: Config) -> TrainData:
 
 
 # --------------------------------------------------------------------------------------------------- one process
-def build_session(cfg: Config, info: dist.DistInfo, rt: Runtime, data: TrainData, resume: bool = False) -> Session:
-    """Model, EMA, loaders, optimizer, scaler, loss and schedule state of one process (``resume``: the starting
-    weights are not loaded, last.pt replaces them)."""
+def build_session(cfg: Config, info: dist.DistInfo, rt: Runtime, data: TrainData,
+                  resume_state: dict[str, Any] | None = None) -> Session:
+    """Model, EMA, loaders, optimizer, scaler, loss and schedule state of one process. ``resume_state`` (a last.pt)
+    replaces the starting weights, so they are not loaded; the network takes its shape (a pruned one's) from it."""
     from fastlesion.models import count_params, create_model
+    from fastlesion.prune import apply_checkpoint_structure
 
     seed_everything(cfg.train.seed)  # before create_model: the initial weights are the seed's
-    m = cfg.model
+    m, resume = cfg.model, resume_state is not None
     raw = create_model(m.name, num_classes=data.ds.num_classes, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
                        pretrained_path=None if resume else m.pretrained_path, pretrained=m.pretrained and not resume,
                        pretrained_strict=m.pretrained_strict)
+    if resume:
+        apply_checkpoint_structure(raw, resume_state)  # before wrapping: compile and DDP see the final shapes
     net = wrap_model(raw, rt, ddp=info.enabled)
     shard = {"rank": info.rank, "world_size": info.world_size, "device": rt.device, "channels_last": rt.channels_last}
     train_loader = build_loader(data.split.train, cfg.loader, cfg.data.image_size, train=True, **shard)
@@ -177,9 +181,10 @@ def run_worker(cfg: Config, data: TrainData | None = None, resume: bool = False,
         owned = None if prepared else out
         cfg = replace(cfg, **{"run.out": str(out)})
         with RunDir(out, active=info.is_main, report=report, quiet=cfg.run.quiet) as run:  # closes the trackers
-            s = build_session(cfg, info, rt, data, resume=resume)
-            if resume:
-                restore(s, ckpt.load(run.path / "last.pt"))
+            last = ckpt.load(run.path / "last.pt") if resume else None
+            s = build_session(cfg, info, rt, data, resume_state=last)
+            if last is not None:
+                restore(s, last)
             return fit(s, run, resumed=resume)
     finally:
         RunDir.release(owned)
