@@ -9,11 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import train_tiny
 
 from fastlesion.cli import main
-from fastlesion.config import load_config
 from fastlesion.engine import checkpoint as ckpt
-from fastlesion.engine.train import train
 from fastlesion.errors import FastlesionError
 from fastlesion.export import export_checkpoint, read_metadata, sidecar_path
 
@@ -24,13 +23,7 @@ pytest.importorskip("onnxscript")
 
 def _train(root: Path, out: Path) -> Path:
     """A 1-epoch LeNet at 32 px (as in test_inference); returns its best.pt."""
-    cfg = load_config(None, {
-        "data.dataset": "isic2020", "data.root": str(root), "data.image_size": 32, "model.name": "lenet",
-        "loader.backend": "torch", "loader.workers": 0, "loader.batch_size": 16, "train.epochs": 1,
-        "optim.warmup_epochs": 0.0, "run.out": str(out), "run.quiet": True,
-        "data.folds_file": str(out.parent / f"{out.name}-folds.csv")})
-    train(cfg)
-    return out / "best.pt"
+    return train_tiny(root, out)
 
 
 def swap_model(src: Path, dest: Path, name: str, **config: object) -> Path:

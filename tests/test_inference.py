@@ -8,23 +8,17 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from helpers import train_tiny
 
 from fastlesion.cli import main
 from fastlesion.config import load_config
 from fastlesion.engine.inference import _data_overrides, predict
-from fastlesion.engine.train import train
 from fastlesion.errors import FastlesionError
 
 
 def _train(root: Path, out: Path, dataset: str) -> Path:
     """A 1-epoch LeNet at 32 px (as in test_engine); returns its best.pt."""
-    cfg = load_config(None, {
-        "data.dataset": dataset, "data.root": str(root), "data.image_size": 32, "model.name": "lenet",
-        "loader.backend": "torch", "loader.workers": 0, "loader.batch_size": 16, "train.epochs": 1,
-        "optim.warmup_epochs": 0.0, "run.out": str(out), "run.quiet": True,
-        "data.folds_file": str(out.parent / f"{out.name}-folds.csv")})
-    train(cfg)
-    return out / "best.pt"
+    return train_tiny(root, out, dataset=dataset)
 
 
 def _class_folders(isic: Path, dest: Path, names: tuple[str, str]) -> Path:

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from helpers import train_tiny
 
 from fastlesion.cli import main
 from fastlesion.config import load_config
@@ -23,13 +24,7 @@ KEYS = ("params", "flops", "file_size", "cpu_latency_ms")
 
 def _train(root: Path, out: Path, model: str) -> Path:
     """One short epoch (2 steps) of ``model`` at 32 px on the tiny ISIC set; returns the run folder."""
-    cfg = load_config(None, {
-        "data.dataset": "isic2020", "data.root": str(root), "data.image_size": 32, "model.name": model,
-        "loader.backend": "torch", "loader.workers": 0, "loader.batch_size": 16, "train.epochs": 1,
-        "train.steps_per_epoch": 2, "optim.warmup_epochs": 0.0, "run.out": str(out), "run.quiet": True,
-        "data.folds_file": str(out.parent / f"{out.name}-folds.csv")})
-    train(cfg)
-    return out
+    return train_tiny(root, out, model=model, **{"train.steps_per_epoch": 2}).parent
 
 
 @pytest.fixture(scope="module")

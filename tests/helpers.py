@@ -1,0 +1,26 @@
+"""Helpers the test files share (pytest puts tests/ on sys.path: ``from helpers import train_tiny``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from fastlesion.config import Config, load_config
+
+
+def tiny_config(root: Path, out: Path, dataset: str = "isic2020", model: str = "lenet", **over: Any) -> Config:
+    """One epoch of ``model`` at 32 px from ``root`` into ``out`` (torch loader, no workers, quiet), its own folds
+    file beside ``out``; ``over``: more dotted keys."""
+    return load_config(None, {
+        "data.dataset": dataset, "data.root": str(root), "data.image_size": 32, "model.name": model,
+        "loader.backend": "torch", "loader.workers": 0, "loader.batch_size": 16, "train.epochs": 1,
+        "optim.warmup_epochs": 0.0, "run.out": str(out), "run.quiet": True,
+        "data.folds_file": str(out.parent / f"{out.name}-folds.csv"), **over})
+
+
+def train_tiny(root: Path, out: Path, **kw: Any) -> Path:
+    """Train :func:`tiny_config` and return the run's ``best.pt``."""
+    from fastlesion.engine.train import train
+
+    train(tiny_config(root, out, **kw))
+    return out / "best.pt"
