@@ -5,21 +5,31 @@ The table is a :class:`pandas.DataFrame` with the columns
 * ``path``  — absolute path of the image (str), inside the dataset root;
 * ``label`` — integer class index into :attr:`Dataset.classes`;
 * ``group`` — the unit that must not straddle a split (ISIC ``patient_id``, HAM10000 ``lesion_id``);
+* ``mask``  — segmentation sets only (:attr:`Dataset.task` ``"segmentation"``): absolute path of the image's binary
+  mask PNG (0 background, 255 lesion, or 0/1; the image's size); ``label`` is then 0 everywhere and
+  :attr:`Dataset.classes` is ``["lesion"]``;
 * every other column of the source CSV, kept as metadata (``image_name``, ``sex``, ``age_approx``, ...).
 
-Missing image files are found here, when the table is built, and reported with a count and the first names,
-never mid-epoch. An image listed twice is kept once (the first row), with one warning; an image file that is a
-symlink to a file outside the data root is refused in every layout alike (a symlinked *folder* inside the root, e.g.
-images on another disk, counts as inside). Layouts:
+Missing image files (and missing masks) are found here, when the table is built, and reported with a count and the
+first names, never mid-epoch. An image listed twice is kept once (the first row), with one warning; an image (or
+mask) file that is a symlink to a file outside the data root is refused in every layout alike (a symlinked *folder*
+inside the root, e.g. images on another disk, counts as inside). Layouts:
 
 * ``isic2020`` — ``train.csv`` (ISIC 2020 columns) and ``train/`` or ``jpeg/train/<image_name>.jpg`` (Kaggle), or the
   ISIC challenge download: ``ISIC_2020_Training_GroundTruth[_v2].csv`` and ``ISIC_2020_Training_JPEG/[train/]``;
 * ``ham10000`` — ``HAM10000_metadata.csv`` and ``HAM10000_images_part_{1,2}/<image_id>.jpg`` (any case);
 * ``isic2019`` — ``ISIC_2019_Training_GroundTruth.csv`` (one-hot ``MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK``), the optional
   ``ISIC_2019_Training_Metadata.csv`` and ``ISIC_2019_Training_Input/<image>.jpg``;
-* ``csv`` — any CSV with a path and a label column (names configurable), optional group column;
+* ``isic2018-seg`` — ISIC 2018 Task 1 (lesion segmentation): ``ISIC2018_Task1-2_Training_Input/ISIC_<id>.jpg`` with
+  ``ISIC2018_Task1_Training_GroundTruth/ISIC_<id>_segmentation.png``, plus the ``_Validation_`` and ``_Test_`` pairs
+  of folders when present (column ``official_split``: ``train``, ``validation``, ``test``; only ``train`` rows enter
+  the cross-validation folds, the others are the holdout test split, see :mod:`fastlesion.data.splits`); group =
+  the image id (the set has no patient or lesion ids);
+* ``csv`` — any CSV with a path and a label column (names configurable), optional group column; with
+  ``task="segmentation"`` a path and a mask column (``data.mask_col``) instead, no label;
 * ``folder`` — one sub-folder per class;
-* ``synthetic`` — a generated ISIC-like (or HAM-like) set, written on first use into the cache.
+* ``synthetic`` — a generated ISIC-like (or HAM-like, or ISIC 2018 Task 1-like with masks) set, written on first
+  use into the cache (``data.synthetic_layout``).
 
 ``data.extra_train`` adds other labelled sets to the training folds (:func:`load_extra_train`), their classes mapped
 onto the main dataset's (:data:`EXTRA_CLASS_MAPS`, else by name).
@@ -57,6 +67,16 @@ ISIC2019_TRUTH_CSV = "ISIC_2019_Training_GroundTruth.csv"
 ISIC2019_META_CSV = "ISIC_2019_Training_Metadata.csv"
 ISIC2019_CLASSES = ["MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK"]
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+SEG_CLASSES = ["lesion"]
+"""The one class of a segmentation table."""
+SEG_PARTS = (("train", "Training"), ("validation", "Validation"), ("test", "Test"))
+"""ISIC 2018 Task 1 parts: (``official_split`` value, the word in its folder names)."""
+SEG_MASK_SUFFIX = "_segmentation.png"
+
+
+def isic2018_seg_dirs(part: str) -> tuple[str, str]:
+    """``(image folder, mask folder)`` names of an ISIC 2018 Task 1 part (``Training``, ``Validation``, ``Test``)."""
+    return f"ISIC2018_Task1-2_{part}_Input", f"ISIC2018_Task1_{part}_GroundTruth"
 
 
 @dataclass
@@ -69,6 +89,8 @@ class Dataset:
     kind: str
     missing: list[str] = field(default_factory=list)
     excluded: list[str] = field(default_factory=list)
+    task: str = "classification"
+    """``"classification"``, or ``"segmentation"`` for a table with a ``mask`` column (one class, ``lesion``)."""
 
     @property
     def num_classes(self) -> int:
@@ -191,21 +213,38 @@ def _drop_duplicates(df: pd.DataFrame, links: dict[str, str], root: Path, source
     return df[~dup].reset_index(drop=True)
 
 
+def _excluded_rows(df: pd.DataFrame, exclude: set[str]) -> pd.Series:
+    """Rows whose image (or mask) is in the exclusion set (resolved paths, see ``validate.exclusion_key``)."""
+    cols = ["path"] + (["mask"] if "mask" in df.columns else [])
+    hit = pd.Series(False, index=df.index)
+    for c in cols:
+        hit |= df[c].isin(exclude)
+    if hit.sum() < len(exclude):  # the exclusion file's paths are resolved: images in a symlinked folder
+        for c in cols:
+            hit |= df[c].map(os.path.realpath).isin(exclude)
+    return hit
+
+
 def _finish(df: pd.DataFrame, classes: list[str], root: Path, kind: str, source: Path,
-            strict: bool, exclude: set[str] | None) -> Dataset:
-    """Drop duplicate and excluded rows, refuse symlinks out of the root, find missing files, check the result."""
+            strict: bool, exclude: set[str] | None, task: str = "classification") -> Dataset:
+    """Drop duplicate and excluded rows, refuse symlinks out of the root, find missing files, check the result.
+
+    A segmentation table (``task="segmentation"``, with a ``mask`` column) is checked for missing masks as well: with
+    ``strict`` an image without its mask is an error (count and first names), else the row is kept for
+    ``fastlesion check`` to report. A row is excluded when its image or its mask is in ``exclude``.
+    """
     links = _symlinks(df["path"])
     df = _drop_duplicates(df, links, root, source)
     excluded: list[str] = []
     if exclude:
-        mask = df["path"].isin(exclude)
-        if mask.sum() < len(exclude):  # the exclusion file's paths are resolved: images in a symlinked folder
-            mask |= df["path"].map(os.path.realpath).isin(exclude)
+        mask = _excluded_rows(df, exclude)
         excluded = df.loc[mask, "path"].tolist()
         if excluded:
             log.warning("skipping %d image(s) listed in the exclusion file", len(excluded))
         df = df[~mask].reset_index(drop=True)
     _check_links({p: links[p] for p in df["path"] if p in links}, root, source)
+    if "mask" in df.columns:
+        _check_links(_symlinks(df["mask"]), root, source)
     df, missing = _split_missing(df)
     if missing and strict:
         names = ", ".join(Path(m).name for m in missing[:5])
@@ -215,11 +254,17 @@ def _finish(df: pd.DataFrame, classes: list[str], root: Path, kind: str, source:
         # an empty list is an error even for `fastlesion check` (strict=False): there is nothing to check
         why = f"all {len(excluded)} listed images are excluded" if excluded else "no images listed"
         raise DatasetError(f"{source}: the dataset is empty ({why})")
-    if strict and df["label"].nunique() < 2:
+    if task == "segmentation":
+        no_mask = ~df["mask"].map(os.path.isfile).astype(bool)
+        if strict and no_mask.any():
+            names = ", ".join(Path(m).name for m in df.loc[no_mask, "mask"][:5])
+            raise DatasetError(f"{source}: {int(no_mask.sum())} of {len(df)} images have no mask under {root} "
+                               f"(first: {names}); run `fastlesion check {root}` for a full report")
+    elif strict and df["label"].nunique() < 2:
         only = classes[int(df["label"].iloc[0])] if len(df) else "?"
         raise DatasetError(f"{source}: the label column has a single class ({only!r}); a classifier needs two or more")
     df["group"] = df["group"].astype(str)
-    return Dataset(table=df, classes=classes, root=root, kind=kind, missing=missing, excluded=excluded)
+    return Dataset(table=df, classes=classes, root=root, kind=kind, missing=missing, excluded=excluded, task=task)
 
 
 # --------------------------------------------------------------------------------------------------- layouts
@@ -361,6 +406,51 @@ def load_isic2019(root: Path, strict: bool = True, exclude: set[str] | None = No
     return _finish(df, classes, root, "isic2019", csv, strict, exclude)
 
 
+def _seg_part(root: Path, part: str) -> tuple[Path | None, Path | None]:
+    """The image and mask folders of ISIC 2018 Task 1 ``part`` (None where absent; ``X/X`` from unzipping is fine)."""
+    return tuple(_first_dir(root, [f"{name}/{name}", name]) for name in isic2018_seg_dirs(part))  # type: ignore
+
+
+def load_isic2018_seg(root: Path, strict: bool = True, exclude: set[str] | None = None) -> Dataset:
+    """ISIC 2018 Task 1 (lesion segmentation): every image of the Input folders with its ground-truth mask.
+
+    The Training pair of folders is required; the Validation and Test pairs join when present, marked in the column
+    ``official_split`` (``train``, ``validation``, ``test``): the folds are made of the ``train`` rows only, the others
+    form the holdout test split. An Input folder without its GroundTruth folder is left out with a warning (nothing
+    to score it against). Images are the files with an image extension (the download's ``LICENSE.txt`` and
+    ``ATTRIBUTION.txt`` are not); each one's mask is ``<image stem>_segmentation.png`` in the GroundTruth folder
+    (matched case-insensitively). An image without its mask is an error with ``strict`` (count and first names).
+
+    Columns: ``path``, ``label`` (0), ``group`` (the image id), ``mask``, ``image_name``, ``official_split``.
+    """
+    rows = []
+    for split, part in SEG_PARTS:
+        img_dir, mask_dir = _seg_part(root, part) if root.is_dir() else (None, None)
+        img_name, mask_name = isic2018_seg_dirs(part)
+        if split == "train" and (img_dir is None or mask_dir is None):
+            missing = img_name if img_dir is None else mask_name
+            raise DatasetError(f"{root}: no {missing}/ folder found (an ISIC 2018 Task 1 root holds {img_name}/ "
+                               f"with ISIC_<id>.jpg and {mask_name}/ with ISIC_<id>{SEG_MASK_SUFFIX})")
+        if img_dir is None:
+            continue
+        if mask_dir is None:
+            log.warning("%s: %s/ has no %s/ beside it: its images are left out (no masks to score them)", root,
+                        img_dir.name, mask_name)
+            continue
+        masks = {p.name.lower(): p for p in mask_dir.iterdir() if p.name.lower().endswith(SEG_MASK_SUFFIX)}
+        images = sorted((p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS
+                         and not p.name.startswith(".") and not p.is_dir()), key=lambda p: p.name)
+        for p in images:
+            m = masks.pop(f"{p.stem}{SEG_MASK_SUFFIX}".lower(), mask_dir / f"{p.stem}{SEG_MASK_SUFFIX}")
+            rows.append((str(p), 0, p.stem, str(m), p.stem, split))
+        if masks:
+            log.warning("%s: %d mask(s) without an image in %s/ ignored (first: %s)", root, len(masks),
+                        img_dir.name, sorted(m.name for m in masks.values())[0])
+    df = pd.DataFrame(rows, columns=["path", "label", "group", "mask", "image_name", "official_split"])
+    df["label"] = df["label"].astype(int)
+    return _finish(df, list(SEG_CLASSES), root, "isic2018-seg", root, strict, exclude, task="segmentation")
+
+
 def _labels_to_index(values: pd.Series, source: Path, col: str) -> tuple[pd.Series, list[str]]:
     if values.isna().any():
         raise DatasetError(f"{source}: column {col!r} has {int(values.isna().sum())} empty label(s)")
@@ -372,15 +462,10 @@ def _labels_to_index(values: pd.Series, source: Path, col: str) -> tuple[pd.Seri
     return names.map(classes.index).astype(int), classes
 
 
-def load_csv(root: Path, cfg: DataConfig, strict: bool = True, exclude: set[str] | None = None) -> Dataset:
-    """Any CSV with a path and a label column; paths relative to ``root`` (or absolute inside it)."""
-    if not cfg.csv:
-        raise DatasetError("data.csv: the csv dataset kind needs data.csv (the CSV file)")
-    csv = Path(cfg.csv) if Path(cfg.csv).is_absolute() else root / cfg.csv
-    required = [cfg.path_col, cfg.label_col] + ([cfg.group_col] if cfg.group_col else [])
-    df = _read_csv(csv, required, "dataset").copy()
+def _csv_paths(values: pd.Series, root: Path, csv: Path, what: str) -> list[str]:
+    """Absolute paths of a CSV column (relative to ``root``, or absolute inside it); one leading out is an error."""
     paths = []
-    for p in df[cfg.path_col].astype(str):
+    for p in values.astype(str):
         # judged on the name, as the other kinds: a folder inside the root may be a symlink to another disk, and a
         # symlinked file is checked (like theirs) by where it points
         full = os.path.normpath(p if Path(p).is_absolute() else root / p)
@@ -388,17 +473,46 @@ def load_csv(root: Path, cfg: DataConfig, strict: bool = True, exclude: set[str]
             # an absolute path may spell the root another way (through a symlink to it): its folder decides
             real = os.path.join(os.path.realpath(os.path.dirname(full)), os.path.basename(full))
             if not Path(p).is_absolute() or not _inside_name(Path(os.path.realpath(root)), real):
-                raise DatasetError(f"{csv}: image path {p!r} escapes the data root {root}")
+                raise DatasetError(f"{csv}: {what} path {p!r} escapes the data root {root}")
             full = real
         paths.append(full)
-    labels, classes = _labels_to_index(df[cfg.label_col], csv, cfg.label_col)
+    return paths
+
+
+def load_csv(root: Path, cfg: DataConfig, strict: bool = True, exclude: set[str] | None = None,
+             task: str = "classification") -> Dataset:
+    """Any CSV with a path and a label column; paths relative to ``root`` (or absolute inside it).
+
+    With ``task="segmentation"`` the CSV needs a path and a mask column (``data.mask_col``, the mask PNG's path, same
+    rules as the image path) and no label: every row is class ``lesion`` (label 0). Without ``data.group_col`` each
+    image is its own group.
+    """
+    if not cfg.csv:
+        raise DatasetError("data.csv: the csv dataset kind needs data.csv (the CSV file)")
+    seg = task == "segmentation"
+    csv = Path(cfg.csv) if Path(cfg.csv).is_absolute() else root / cfg.csv
+    required = [cfg.path_col, cfg.mask_col if seg else cfg.label_col] + ([cfg.group_col] if cfg.group_col else [])
+    df = _read_csv(csv, required, "dataset").copy()
+    paths = _csv_paths(df[cfg.path_col], root, csv, "image")
+    if seg:
+        empty = df[cfg.mask_col].isna() | (df[cfg.mask_col].astype(str).str.strip() == "")
+        if empty.any():
+            raise DatasetError(f"{csv}: column {cfg.mask_col!r} (data.mask_col) has {int(empty.sum())} empty "
+                               f"value(s) (first: row {int(empty.to_numpy().argmax()) + 2}); every image needs "
+                               "its mask")
+        masks = _csv_paths(df[cfg.mask_col], root, csv, "mask")
+        labels, classes = pd.Series(0, index=df.index), list(SEG_CLASSES)
+    else:
+        labels, classes = _labels_to_index(df[cfg.label_col], csv, cfg.label_col)
     group = df[cfg.group_col].astype(str) if cfg.group_col else pd.Series(paths, index=df.index)
     # the source columns stay as metadata, except those named like the table's own columns (replaced)
-    df = df.drop(columns=[c for c in ("path", "label", "group") if c in df.columns])
+    df = df.drop(columns=[c for c in ("path", "label", "group", "mask") if c in df.columns])
     df.insert(0, "path", paths)
     df.insert(1, "label", labels.values)
     df.insert(2, "group", group.values)
-    return _finish(df, classes, root, "csv", csv, strict, exclude)
+    if seg:
+        df.insert(3, "mask", masks)
+    return _finish(df, classes, root, "csv", csv, strict, exclude, task=task)
 
 
 def load_folder(root: Path, strict: bool = True, exclude: set[str] | None = None) -> Dataset:
@@ -550,34 +664,49 @@ def ensure_synthetic(cfg: DataConfig, progress: bool = True) -> Path:
 
 
 def detect_kind(root: Path) -> str:
-    """Guess the layout of a data root: isic2020 (Kaggle or ISIC challenge download), isic2019, ham10000 or folder."""
+    """Guess the layout of a data root: isic2020 (Kaggle or ISIC challenge download), isic2019, ham10000,
+    isic2018-seg (an ``ISIC2018_Task1-2_Training_Input`` or ``ISIC2018_Task1_Training_GroundTruth`` folder) or
+    folder."""
     if isic2020_train_csv(root) is not None:
         return "isic2020"
     if _isic_csv(root, (ISIC2019_TRUTH_CSV,)) is not None:
         return "isic2019"
     if any(p.name.lower() == "ham10000_metadata.csv" for p in root.glob("*.csv")):
         return "ham10000"
+    if root.is_dir() and any(d is not None for d in _seg_part(root, "Training")):
+        return "isic2018-seg"
     return "folder"
 
 
 LOADERS: dict[str, Callable[..., Dataset]] = {
-    "isic2020": lambda root, cfg, **kw: load_isic2020(root, **kw),
-    "ham10000": lambda root, cfg, **kw: load_ham10000(root, **kw),
-    "isic2019": lambda root, cfg, **kw: load_isic2019(root, **kw),
+    "isic2020": lambda root, cfg, task="classification", **kw: load_isic2020(root, **kw),
+    "ham10000": lambda root, cfg, task="classification", **kw: load_ham10000(root, **kw),
+    "isic2019": lambda root, cfg, task="classification", **kw: load_isic2019(root, **kw),
+    "isic2018-seg": lambda root, cfg, task="segmentation", **kw: load_isic2018_seg(root, **kw),
     "csv": load_csv,
-    "folder": lambda root, cfg, **kw: load_folder(root, **kw),
+    "folder": lambda root, cfg, task="classification", **kw: load_folder(root, **kw),
 }
+"""``kind -> loader(root, data_cfg, strict=..., exclude=..., task=...)``; only the csv kind reads ``task`` (the
+others are of one task: isic2018-seg segmentation, the rest classification)."""
 
 
-def load_dataset(cfg: DataConfig, strict: bool = True, use_exclude: bool = True, progress: bool = True) -> Dataset:
+def load_dataset(cfg: DataConfig, strict: bool = True, use_exclude: bool = True, progress: bool = True,
+                 task: str = "classification") -> Dataset:
     """Build the table for ``cfg``.
 
     Args:
         cfg: the data section of the config.
-        strict: raise :class:`DatasetError` on missing files, an empty set or a single class; with False the
-            missing files are only listed in :attr:`Dataset.missing` (the checker uses that).
+        strict: raise :class:`DatasetError` on missing files (images, or masks), an empty set or (classification) a
+            single class; with False the missing images are only listed in :attr:`Dataset.missing` and rows whose
+            mask is missing are kept (the checker uses that).
         use_exclude: drop the files listed in ``cfg.exclude_file``.
         progress: show a progress bar if the synthetic set has to be generated.
+        task: ``train.task``. It decides how the csv kind is read (segmentation: ``data.mask_col`` instead of a
+            label); the isic2018-seg kind (and the synthetic kind with ``data.synthetic_layout=isic2018-seg``) is
+            a segmentation set whatever it says, and :attr:`Dataset.task` tells which one was loaded.
+
+    Raises:
+        DatasetError: besides the above, ``task="segmentation"`` with a dataset kind that has no masks.
     """
     kind = cfg.dataset
     if kind == "synthetic":
@@ -595,7 +724,14 @@ def load_dataset(cfg: DataConfig, strict: bool = True, use_exclude: bool = True,
         from fastlesion.data.validate import read_exclude_file
 
         exclude = read_exclude_file(cfg.exclude_file, root)
-    ds = LOADERS[kind](root, cfg, strict=strict, exclude=exclude)
+    if task == "segmentation" and kind not in ("isic2018-seg", "csv"):
+        raise DatasetError(f"train.task=segmentation: the {cfg.dataset} dataset ({kind}) has no masks; use "
+                           "data.dataset=isic2018-seg, csv with data.mask_col, or synthetic with "
+                           "data.synthetic_layout=isic2018-seg")
+    if kind == "csv":
+        ds = load_csv(root, cfg, strict=strict, exclude=exclude, task=task)
+    else:
+        ds = LOADERS[kind](root, cfg, strict=strict, exclude=exclude)
     if cfg.dataset == "synthetic":
         ds.kind = "synthetic"
     if cfg.class_map:

@@ -14,8 +14,13 @@ Runs are resumable and atomic per file: each image is written to ``<name>.tmp`` 
 place, so an interrupted run leaves no half-written image under its final name, and a second run skips the files
 that exist and are newer than their source. ``DST/.fastlesion_prepare.json`` records the parameters; a ``DST``
 prepared with other parameters is refused. CSV files are written last: ``train.csv``/``test.csv`` (isic2020), the
-metadata CSV (ham10000), and ``prepared.csv`` (``path,label,group``, paths relative to ``DST``) for the csv and
-folder kinds.
+metadata CSV (ham10000), and ``prepared.csv`` (``path,label,group``, paths relative to ``DST``; ``mask`` too for a
+segmentation csv set) for the csv and folder kinds.
+
+Segmentation sets (isic2018-seg, with its Training / Validation / Test folders, or a csv set with
+``task="segmentation"``) have their masks resized alongside, with nearest neighbour (:func:`resize_mask_file`), to
+exactly the size the image gets (EXIF orientation included), so the values stay those of the source (0 and 255) and
+the copy loads as the same kind.
 
 Example:
     >>> result = prepare("/data/isic2020", "/data/isic2020-512", size=512)  # doctest: +SKIP
@@ -65,12 +70,13 @@ class PrepareResult:
     size: int
     mode: str
     total: int = 0
-    done: int = 0  # written (resized, or copied when already small enough)
+    done: int = 0  # images written (resized, or copied when already small enough)
     skipped: int = 0  # already there from an earlier run
     failed: list[tuple[str, str]] = field(default_factory=list)  # (source path, reason)
     missing: list[str] = field(default_factory=list)  # listed by a CSV, not on disk
     csv_files: list[Path] = field(default_factory=list)
     seconds: float = 0.0
+    masks: int = 0  # segmentation sets: masks written or already there (their failures are in ``failed``)
 
     @property
     def ok(self) -> bool:
@@ -78,7 +84,8 @@ class PrepareResult:
 
     def summary(self) -> str:
         """One line for the CLI."""
-        line = (f"prepared {self.total} images of {self.kind} into {self.out} ({self.mode} {self.size}px): "
+        masks = f" and {self.masks} masks" if self.masks else ""
+        line = (f"prepared {self.total} images{masks} of {self.kind} into {self.out} ({self.mode} {self.size}px): "
                 f"{self.done} written, {self.skipped} already done, {len(self.failed)} failed in {self.seconds:.1f}s")
         if self.failed:
             line += f"; first failure: {self.failed[0][0]} ({self.failed[0][1]})"
@@ -133,12 +140,49 @@ def resize_file(src: str, dst: str, size: int, mode: str = "shorter", quality: i
         os.replace(tmp, dst)
         return "done", ""
     except Exception as e:  # noqa: BLE001 - reported per file, the run goes on
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        return "failed", f"{type(e).__name__}: {reason}"
+        return _failed(tmp, e)
+
+
+def resize_mask_file(src: str, dst: str, image: str, size: int, mode: str = "shorter") -> tuple[str, str]:
+    """Resize the mask ``src`` of ``image`` into ``dst`` atomically, with nearest neighbour (values stay as stored).
+
+    The mask gets the size :func:`resize_file` gives the image (its target size, turned like the image when its
+    EXIF orientation rotates it by 90 degrees); a mask whose size already is that is copied byte for byte.
+
+    Returns:
+        ``("done", "")``, ``("copied", "")`` or ``("failed", reason)``.
+    """
+    tmp = dst + ".tmp"
+    try:
+        os.makedirs(os.path.dirname(dst) or ".", exist_ok=True)
+        with Image.open(image) as im:
+            w, h = im.size
+            tw, th = target_size(w, h, size, mode)
+            if _orientation(im) in (5, 6, 7, 8):
+                tw, th = th, tw
+        with Image.open(src) as m:
+            if m.size == (tw, th):
+                m.close()
+                shutil.copyfile(src, tmp)
+                os.replace(tmp, dst)
+                return "copied", ""
+            out = m.resize((tw, th), Image.Resampling.NEAREST)
+            fmt = _FORMATS.get(os.path.splitext(dst)[1].lower(), "PNG")
+            out.save(tmp, format=fmt, **({"quality": 100} if fmt in ("JPEG", "WEBP") else {}))
+        os.replace(tmp, dst)
+        return "done", ""
+    except Exception as e:  # noqa: BLE001 - reported per file, the run goes on
+        return _failed(tmp, e)
+
+
+def _failed(tmp: str, e: Exception) -> tuple[str, str]:
+    """``("failed", "<type>: <first line>")`` for a file that could not be written; its temp file is removed."""
+    try:
+        os.remove(tmp)
+    except OSError:
+        pass
+    reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return "failed", f"{type(e).__name__}: {reason}"
 
 
 def _orientation(im: Image.Image) -> int:
@@ -148,14 +192,20 @@ def _orientation(im: Image.Image) -> int:
         return 1
 
 
-def _resize_job(job: tuple[str, str, int, str, int]) -> tuple[str, str]:
-    return resize_file(*job)
+def _resize_job(job: tuple[str, str, int, str, int, str | None]) -> tuple[str, str]:
+    """One image (``job[5]`` None) or one mask (``job[5]``: its image)."""
+    src, dst, size, mode, quality, image = job
+    if image is None:
+        return resize_file(src, dst, size, mode, quality)
+    return resize_mask_file(src, dst, image, size, mode)
 
 
 # ------------------------------------------------------------------------------------------------- layouts
-def _sources(src: Path, kind: str,
-             data: DataConfig | None) -> tuple[list[str], list[str], list[Path], pd.DataFrame | None]:
-    """(image paths, missing paths, CSV files to copy verbatim, table for prepared.csv) of a dataset root."""
+def _sources(src: Path, kind: str, data: DataConfig | None,
+             task: str = "classification",
+             ) -> tuple[list[str], list[str], list[Path], pd.DataFrame | None, dict[str, str] | None]:
+    """(image paths, missing paths, CSV files to copy verbatim, table for prepared.csv, ``{image: mask}`` of a
+    segmentation set) of a dataset root."""
     if kind == "isic2020":
         ds = catalog.load_isic2020(src, strict=False)
         paths, missing, csvs = ds.table["path"].tolist(), list(ds.missing), [src / "train.csv"]
@@ -166,23 +216,29 @@ def _sources(src: Path, kind: str,
             paths += [p for p in tpaths if os.path.isfile(p)]
             missing += [p for p in tpaths if not os.path.isfile(p)]
             csvs.append(src / "test.csv")
-        return paths, missing, csvs, None
+        return paths, missing, csvs, None, None
     if kind == "ham10000":
         ds = catalog.load_ham10000(src, strict=False)
         csv = next(p for p in src.glob("*.csv") if p.name.lower() == "ham10000_metadata.csv")
-        return ds.table["path"].tolist(), list(ds.missing), [csv], None
+        return ds.table["path"].tolist(), list(ds.missing), [csv], None, None
+    if kind == "isic2018-seg":
+        ds = catalog.load_isic2018_seg(src, strict=False)
+        masks = dict(zip(ds.table["path"], ds.table["mask"], strict=True))
+        return ds.table["path"].tolist(), list(ds.missing), [], None, masks
     if kind == "folder":
         ds = catalog.load_folder(src, strict=False)
         table = ds.table.assign(label=[ds.classes[i] for i in ds.table["label"]])
-        return ds.table["path"].tolist(), [], [], table
+        return ds.table["path"].tolist(), [], [], table, None
     if kind == "csv":
         if data is None:
             raise DatasetError("prepare: the csv dataset kind needs its data config (data.csv, path/label columns)")
         data = DataConfig(**{**data.__dict__, "root": str(src), "dataset": "csv"})
-        ds = catalog.load_csv(src, data, strict=False)
+        ds = catalog.load_csv(src, data, strict=False, task=task)
         table = ds.table.assign(label=[ds.classes[i] for i in ds.table["label"]])
-        return ds.table["path"].tolist(), list(ds.missing), [], table
-    raise DatasetError(f"prepare: cannot prepare the {kind!r} dataset kind (use isic2020, ham10000, csv or folder)")
+        masks = dict(zip(ds.table["path"], ds.table["mask"], strict=True)) if ds.task == "segmentation" else None
+        return ds.table["path"].tolist(), list(ds.missing), [], table, masks
+    raise DatasetError(f"prepare: cannot prepare the {kind!r} dataset kind (use isic2020, ham10000, isic2018-seg, csv "
+                       "or folder)")
 
 
 def _relative(path: str, src: Path) -> Path:
@@ -251,7 +307,7 @@ def _progress(results: Iterator[tuple[str, str]], total: int, title: str, enable
         bar.refresh()
 
 
-def _run(jobs: list[tuple[str, str, int, str, int]], workers: int) -> Iterator[tuple[str, str]]:
+def _run(jobs: list[tuple[str, str, int, str, int, str | None]], workers: int) -> Iterator[tuple[str, str]]:
     if workers <= 1 or len(jobs) < PARALLEL_MIN_FILES:
         for j in jobs:
             yield _resize_job(j)
@@ -270,7 +326,7 @@ def _run(jobs: list[tuple[str, str, int, str, int]], workers: int) -> Iterator[t
 # ------------------------------------------------------------------------------------------------- entry point
 def prepare(src: str | Path, out: str | Path, size: int = 512, mode: str = "shorter", dataset: str | None = None,
             workers: int = 0, progress: bool = True, quality: int = 95,
-            data: DataConfig | None = None) -> PrepareResult:
+            data: DataConfig | None = None, task: str = "classification") -> PrepareResult:
     """Write a resized copy of the dataset at ``src`` into ``out`` (same layout and CSVs, resumable).
 
     Args:
@@ -278,11 +334,14 @@ def prepare(src: str | Path, out: str | Path, size: int = 512, mode: str = "shor
         out: destination root (created; must not be ``src`` nor inside it).
         size: target size in pixels (the shorter side, or the side of the square).
         mode: ``shorter`` (keep the aspect ratio, never upscale) or ``square`` (``size x size``).
-        dataset: layout kind (isic2020 | ham10000 | csv | folder); None = detected (:func:`catalog.detect_kind`).
+        dataset: layout kind (isic2020 | ham10000 | isic2018-seg | csv | folder); None = detected
+            (:func:`catalog.detect_kind`).
         workers: processes (0 = ``os.cpu_count()``, 1 = in-process).
         progress: draw a rich progress bar on stderr.
         quality: JPEG quality of the written images.
-        data: the csv kind's settings (``csv``, ``path_col``, ``label_col``, ``group_col``).
+        data: the csv kind's settings (``csv``, ``path_col``, ``label_col``, ``group_col``, ``mask_col``).
+        task: ``segmentation`` reads a csv set's masks (``data.mask_col``) and resizes them too (isic2018-seg
+            always has masks).
 
     Returns:
         A :class:`PrepareResult` (counts, failures naming each file, CSVs written).
@@ -302,26 +361,39 @@ def prepare(src: str | Path, out: str | Path, size: int = 512, mode: str = "shor
         raise DatasetError(f"{out}: the destination must be outside the source folder {src}")
     kind = dataset or catalog.detect_kind(src)
     if kind not in DATASET_KINDS or kind == "synthetic":
-        raise DatasetError(f"prepare: unknown dataset kind {kind!r} (use isic2020, ham10000, csv or folder)")
-    paths, missing, csvs, table = _sources(src, kind, data)
+        raise DatasetError(f"prepare: unknown dataset kind {kind!r} (use isic2020, ham10000, isic2018-seg, csv or "
+                           "folder)")
+    paths, missing, csvs, table, masks = _sources(src, kind, data, task)
     out.mkdir(parents=True, exist_ok=True)
     _check_marker(out, {"size": size, "mode": mode, "quality": quality, "kind": kind, "source": str(src.resolve())})
 
     result = PrepareResult(out=out, kind=kind, size=size, mode=mode, total=len(paths), missing=missing)
-    jobs = []
+    jobs: list[tuple[str, str, int, str, int, str | None]] = []
     for p in paths:
         dst = str(out / _relative(p, src))
         if _is_done(p, dst):
             result.skipped += 1
         else:
-            jobs.append((p, dst, size, mode, quality))
+            jobs.append((p, dst, size, mode, quality, None))
+    for p, m in (masks or {}).items():  # each mask gets the size its image gets (read from the source image)
+        if not os.path.isfile(m):
+            result.missing.append(m)
+            continue
+        dst = str(out / _relative(m, src))
+        if _is_done(m, dst) and _is_done(p, dst):  # redone when its image is newer too (its size may change)
+            result.masks += 1
+        else:
+            jobs.append((m, dst, size, mode, quality, p))
     workers = workers or os.cpu_count() or 1
-    for (p, *_), (status, reason) in zip(jobs, _progress(_run(jobs, workers), len(jobs), f"resizing to {size}px",
-                                                          progress and bool(jobs)), strict=True):
+    for (p, *_, image), (status, reason) in zip(jobs, _progress(_run(jobs, workers), len(jobs),
+                                                                f"resizing to {size}px", progress and bool(jobs)),
+                                                strict=True):
         if status == "failed":
             result.failed.append((p, reason))
-        else:
+        elif image is None:
             result.done += 1
+        else:
+            result.masks += 1
 
     for csv in csvs:  # the CSVs last: a half-prepared copy is not mistaken for a finished one
         _copy_atomic(csv, out / _relative(str(csv), src))
@@ -329,6 +401,8 @@ def prepare(src: str | Path, out: str | Path, size: int = 512, mode: str = "shor
     if table is not None:
         rel = [str(_relative(p, src)) for p in table["path"]]
         frame = pd.DataFrame({"path": rel, "label": table["label"].values, "group": table["group"].values})
+        if masks is not None:
+            frame["mask"] = [str(_relative(m, src)) for m in table["mask"]]
         tmp = out / (PREPARED_CSV + ".tmp")
         frame.to_csv(tmp, index=False)
         os.replace(tmp, out / PREPARED_CSV)

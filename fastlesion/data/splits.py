@@ -7,6 +7,11 @@ stratified on the training label, so with ``data.class_map`` on the mapped one: 
 the mapping's digest (``folds_k5_s42_m<8 hex>.csv``), and a folds file whose labels differ from the dataset's is
 refused rather than reused.
 
+A table with an ``official_split`` column (the isic2018-seg kind: ``train``, ``validation``, ``test``, the parts of
+the ISIC 2018 download) keeps the dataset's own split: only its ``train`` rows are cut into folds, every other row
+goes to the holdout test split (``fold = -1``; ``data.holdout`` then holds out train groups on top). A one-class
+table (segmentation: every label 0) is split like any other: grouped k-fold, the stratification a no-op.
+
 ``data.extra_train`` sets join the training table of a split (:func:`add_extra_train`), after the split: they are
 never in the folds file, the validation fold or the holdout.
 """
@@ -99,8 +104,14 @@ def _keys(ds: Dataset) -> pd.Series:
 
 
 def make_folds_table(ds: Dataset, cfg: DataConfig) -> pd.DataFrame:
-    folds = assign_folds(ds.table["label"].to_numpy(), ds.table["group"].to_numpy(), cfg.num_folds,
-                         cfg.split_seed, cfg.holdout)
+    """The folds file's table: ``key``, ``group``, ``label``, ``fold`` (rows of an ``official_split`` other than
+    ``train`` are holdout)."""
+    labels, groups = ds.table["label"].to_numpy(), ds.table["group"].to_numpy()
+    train = np.ones(len(labels), dtype=bool)
+    if "official_split" in ds.table.columns:
+        train = (ds.table["official_split"].astype(str) == "train").to_numpy()
+    folds = np.full(len(labels), HOLDOUT, dtype=np.int64)
+    folds[train] = assign_folds(labels[train], groups[train], cfg.num_folds, cfg.split_seed, cfg.holdout)
     return pd.DataFrame({"key": _keys(ds), "group": ds.table["group"].values,
                          "label": ds.table["label"].values, "fold": folds})
 

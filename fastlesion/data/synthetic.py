@@ -1,4 +1,5 @@
-"""Synthetic dermoscopy-like datasets written in the exact on-disk layouts of ISIC 2020 and HAM10000.
+"""Synthetic dermoscopy-like datasets written in the exact on-disk layouts of ISIC 2020, HAM10000, ISIC 2019 and
+ISIC 2018 Task 1 (segmentation: each image with the binary mask of its lesion's true outline).
 
 They let anyone try the library without the 23 GB ISIC download, and are the built-in default dataset of the
 quickstart. Every image is drawn with numpy + PIL: a skin-toned background (light to dark, per patient), dermoscopy
@@ -51,8 +52,12 @@ from PIL import Image, ImageDraw
 from fastlesion.errors import DatasetError
 
 LAYOUTS = ("isic2020", "ham10000")
-"""The layouts of the built-in ``synthetic`` dataset kind (``data.synthetic_layout``)."""
-ALL_LAYOUTS = LAYOUTS + ("isic2020-challenge", "isic2019")
+"""The classification layouts of the built-in ``synthetic`` dataset kind (``data.synthetic_layout``); its
+segmentation layout is :data:`SEG_LAYOUT`."""
+SEG_LAYOUT = "isic2018-seg"
+"""The segmentation layout (ISIC 2018 Task 1: images and their binary lesion masks), also a built-in synthetic
+layout (``train.task=segmentation``)."""
+ALL_LAYOUTS = LAYOUTS + ("isic2020-challenge", "isic2019", SEG_LAYOUT)
 """Layouts :func:`generate` (and ``fastlesion synth --layout``) can write."""
 
 HAM_CLASSES = ("akiec", "bcc", "bkl", "df", "mel", "nv", "vasc")
@@ -78,6 +83,9 @@ ISIC2019_META_CSV = "ISIC_2019_Training_Metadata.csv"
 ISIC2019_DIR = "ISIC_2019_Training_Input"
 ISIC2019_CLASSES = ("MEL", "NV", "BCC", "AK", "BKL", "DF", "VASC", "SCC", "UNK")
 ISIC2019_META_COLUMNS = ("image", "age_approx", "anatom_site_general", "lesion_id", "sex")
+SEG_INPUT_DIR = "ISIC2018_Task1-2_Training_Input"
+SEG_TRUTH_DIR = "ISIC2018_Task1_Training_GroundTruth"
+SEG_MASK_SUFFIX = "_segmentation.png"
 _CSV_NAMES = ("train.csv", "test.csv", "HAM10000_metadata.csv", CHALLENGE_TRAIN_CSV, CHALLENGE_TEST_CSV,
               ISIC2019_TRUTH_CSV, ISIC2019_META_CSV)
 
@@ -154,6 +162,7 @@ class _Spec:
     lesion_seed: int  # shape and colours of the lesion (shared by the images of one HAM lesion)
     image_seed: int  # acquisition: position, zoom, rotation, illumination, hairs, noise
     quality: int  # JPEG quality
+    mask_path: str | None = None  # segmentation layout: where the lesion's binary mask PNG goes (relative)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -190,9 +199,14 @@ def generate(
       ``MEL,NV,BCC,AK,BKL,DF,VASC,SCC,UNK``; UNK all zero, SCC taken from about half the HAM-like ``akiec`` lesions)
       and ``ISIC_2019_Training_Metadata.csv`` (``image,age_approx,anatom_site_general,lesion_id,sex``), images in
       ``ISIC_2019_Training_Input/``; drawn like ``ham10000`` (``positive_rate`` = fraction of MEL).
+    * ``isic2018-seg``: ISIC 2018 Task 1 (lesion segmentation): images ``ISIC2018_Task1-2_Training_Input/
+      ISIC_<7 digits>.jpg`` and their masks ``ISIC2018_Task1_Training_GroundTruth/ISIC_<id>_segmentation.png``
+      (8-bit greyscale, 0 = background, 255 = lesion, the image's size), no CSV. The mask is the true outline of the
+      drawn lesion (where its opacity reaches half its maximum; hairs, rulers and bubbles are not in it). One image
+      per lesion, lesion styles in HAM10000 proportions (``positive_rate`` = fraction of melanoma-like lesions).
 
     Args:
-        layout: ``"isic2020"``, ``"ham10000"``, ``"isic2020-challenge"`` or ``"isic2019"``.
+        layout: ``"isic2020"``, ``"ham10000"``, ``"isic2020-challenge"``, ``"isic2019"`` or ``"isic2018-seg"``.
         out: dataset root (created). If it already holds a complete dataset generated with the same parameters,
             nothing is written.
         n: number of (training) images.
@@ -238,16 +252,16 @@ def generate(
         tables, specs = _plan(params)
         _prepare(root, layout)
         # the names it is about to write, then the claim: an interrupted run is cleaned up (only these) later
-        _write_list(root, sorted(tables) + [s.path for s in specs])
+        _write_list(root, sorted(tables) + _spec_files(specs))
         _write_marker(root, {**marker, "complete": False})
 
-        for d in sorted({str(Path(s.path).parent) for s in specs}):
+        for d in sorted({str(Path(f).parent) for f in _spec_files(specs)}):
             (root / d).mkdir(parents=True, exist_ok=True)
         _write_images(root, specs, workers, progress, f"synthetic {layout}")
         for name in sorted(tables, key=lambda t: t == _main_csv(layout)):  # the main CSV last
             columns, rows = tables[name]
             _write_csv(root / name, columns, rows)
-        _write_marker(root, {**marker, "complete": True, "files": len(specs)})
+        _write_marker(root, {**marker, "complete": True, "files": len(_spec_files(specs))})
     return root
 
 
@@ -255,15 +269,22 @@ def generate(
 # bookkeeping: completeness, clean-up, writing
 
 
-def _main_csv(layout: str) -> str:
-    return {"isic2020": "train.csv", "isic2020-challenge": CHALLENGE_TRAIN_CSV,
-            "isic2019": ISIC2019_TRUTH_CSV}.get(layout, "HAM10000_metadata.csv")
+def _main_csv(layout: str) -> str | None:
+    """The CSV written last (None: the segmentation layout has no CSV)."""
+    return {"isic2020": "train.csv", "isic2020-challenge": CHALLENGE_TRAIN_CSV, "isic2019": ISIC2019_TRUTH_CSV,
+            SEG_LAYOUT: None}.get(layout, "HAM10000_metadata.csv")
 
 
 def _image_dirs(layout: str) -> tuple[str, ...]:
+    """The folders the generator writes images (and masks) into."""
     return {"isic2020": ("train", "test"), "isic2020-challenge": (CHALLENGE_TRAIN_DIR, CHALLENGE_TEST_DIR),
-            "isic2019": (ISIC2019_DIR,)}.get(
+            "isic2019": (ISIC2019_DIR,), SEG_LAYOUT: (SEG_INPUT_DIR, SEG_TRUTH_DIR)}.get(
         layout, ("HAM10000_images_part_1", "HAM10000_images_part_2"))
+
+
+def _spec_files(specs: Sequence[_Spec]) -> list[str]:
+    """Every file the specs write: each image, then each mask."""
+    return [s.path for s in specs] + [s.mask_path for s in specs if s.mask_path]
 
 
 def _norm_size(size: int | Sequence[int] | None) -> tuple[int, int] | None:
@@ -315,12 +336,13 @@ def _is_complete(root: Path, marker: dict) -> bool:
     if not isinstance(old, dict) or not old.get("complete") or {k: old.get(k) for k in marker} != marker:
         return False
     layout = marker["params"]["layout"]
-    if not (root / _main_csv(layout)).is_file():
+    main_csv = _main_csv(layout)
+    if main_csv is not None and not (root / main_csv).is_file():
         return False
     count = 0
     for d in _image_dirs(layout):
         if (root / d).is_dir():
-            count += sum(1 for e in os.scandir(root / d) if e.name.endswith(".jpg"))
+            count += sum(1 for e in os.scandir(root / d) if e.name.endswith((".jpg", SEG_MASK_SUFFIX)))
     return count == old.get("files")
 
 
@@ -336,6 +358,8 @@ def _plan(params: dict) -> tuple[dict[str, tuple[Sequence[str], list[dict]]], li
         return _as_challenge(*_plan_isic(rng, n, 0.05 if rate is None else float(rate), sizer))
     if layout == "isic2019":
         return _as_isic2019(*_plan_ham(rng, n, rate, sizer))
+    if layout == SEG_LAYOUT:
+        return _plan_seg(rng, n, rate, sizer)
     return _plan_ham(rng, n, rate, sizer)
 
 
@@ -403,7 +427,7 @@ def _written(root: Path) -> set[str]:
         old = json.loads((root / MARKER).read_text())
         if old.get("version") == _VERSION:
             tables, specs = _plan(old["params"])
-            names |= set(tables) | {s.path for s in specs}
+            names |= set(tables) | set(_spec_files(specs))
     except (OSError, ValueError, KeyError, TypeError, AttributeError, DatasetError):
         pass
     return names
@@ -446,10 +470,14 @@ def _write_csv(path: Path, columns: Sequence[str], rows: list[dict]) -> None:
 
 
 def _write_one(root: str, spec: _Spec) -> None:
-    """Render `spec` and write it as a baseline JPEG under `root` (runs in worker processes)."""
-    data = _encode(spec)
+    """Render `spec` and write it as a baseline JPEG (and its mask as a PNG) under `root` (runs in worker
+    processes)."""
+    data, mask = _encode(spec)
     with open(os.path.join(root, spec.path), "wb") as f:
         f.write(data)
+    if spec.mask_path is not None:
+        with open(os.path.join(root, spec.mask_path), "wb") as f:
+            f.write(mask)
 
 
 def _write_images(root: Path, specs: list[_Spec], workers: int, progress: bool, title: str) -> None:
@@ -675,15 +703,49 @@ def _plan_ham(
     return {"HAM10000_metadata.csv": (HAM_COLUMNS, rows)}, specs
 
 
+def _plan_seg(
+    rng: np.random.Generator, n: int, mel_rate: float | None, sizer: _Sizer
+) -> tuple[dict[str, tuple[Sequence[str], list[dict]]], list[_Spec]]:
+    """Images and masks of an ISIC 2018 Task 1 style set: one image per lesion (the set has no lesion or patient
+    ids, so no two images may show the same lesion), lesion styles in HAM10000 proportions."""
+    counts = _ham_counts(n, mel_rate)
+    styles = [c for c in HAM_CLASSES for _ in range(counts[c])]
+    styles = [styles[i] for i in rng.permutation(n)]
+    specs = []
+    for image_id, dx in zip(sorted(_unique_ids(rng, n, 0, 16_072)), styles, strict=True):
+        if dx in ("nv", "mel"):
+            style, malig = dx, _malig_score(rng, dx == "mel")
+        else:
+            style = _CONFUSABLE[dx] if rng.random() < _ATYPICAL else dx
+            a, b = {"mel": (6.0, 2.5), "nv": (2.0, 6.0)}.get(style, (3.0, 4.0))
+            malig = float(rng.beta(a, b))
+        skin, hair, tint = float(rng.beta(1.4, 5.0)), float(rng.beta(1.2, 3.0)), float(rng.uniform(-1, 1))
+        w, h, q = sizer(rng)
+        name = f"ISIC_{image_id:07d}"
+        specs.append(_Spec(f"{SEG_INPUT_DIR}/{name}.jpg", w, h, style, malig, skin, hair, tint,
+                           int(rng.integers(2**62)), int(rng.integers(2**62)), q,
+                           mask_path=f"{SEG_TRUTH_DIR}/{name}{SEG_MASK_SUFFIX}"))
+    return {}, specs
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # rendering
 
 
-def _encode(spec: _Spec) -> bytes:
-    """Render `spec` to baseline RGB JPEG bytes (large images drawn small, upscaled, then given fine grain)."""
+def _encode(spec: _Spec) -> tuple[bytes, bytes | None]:
+    """Render `spec` to baseline RGB JPEG bytes (large images drawn small, upscaled, then given fine grain), and,
+    when `spec` has a ``mask_path``, the lesion's mask as 8-bit greyscale PNG bytes (0 / 255, the image's size)."""
     rw = min(spec.width, _RENDER_MAX)
     rh = max(1, round(spec.height * rw / spec.width))
-    arr = _render(spec, rw, rh)
+    arr, inside = _render(spec, rw, rh)
+    mask = None
+    if spec.mask_path is not None:
+        field = Image.fromarray(np.ascontiguousarray(inside, np.float32), "F")
+        if (rw, rh) != (spec.width, spec.height):  # the outline field upscaled smoothly, then thresholded
+            field = field.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        png = io.BytesIO()
+        Image.fromarray(np.where(np.asarray(field) > 0, 255, 0).astype(np.uint8), "L").save(png, "PNG")
+        mask = png.getvalue()
     img = Image.fromarray(arr, "RGB")
     if (rw, rh) != (spec.width, spec.height):
         img = img.resize((spec.width, spec.height), Image.Resampling.BICUBIC)
@@ -694,7 +756,7 @@ def _encode(spec: _Spec) -> bytes:
         img = Image.fromarray(np.clip(big, 0, 255).astype(np.uint8), "RGB")
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=spec.quality, optimize=False, progressive=False)
-    return buf.getvalue()
+    return buf.getvalue(), mask
 
 
 def _lerp(a: Sequence[float], b: Sequence[float], t: float) -> np.ndarray:
@@ -763,8 +825,9 @@ class _Field:
         return (left.astype(np.float32) @ right.astype(np.float32)).astype(np.float32)
 
 
-def _render(spec: _Spec, w: int, h: int) -> np.ndarray:
-    """Draw one dermoscopy-like image of `w` x `h` pixels as uint8 RGB."""
+def _render(spec: _Spec, w: int, h: int) -> tuple[np.ndarray, np.ndarray]:
+    """Draw one dermoscopy-like image of `w` x `h` pixels as uint8 RGB; with it, the lesion's outline field
+    (float32 ``h x w``, > 0 inside the lesion: see :func:`_draw_lesion`)."""
     irng = np.random.default_rng([spec.image_seed, 0])  # acquisition
     lrng = np.random.default_rng([spec.lesion_seed, 2])  # lesion
     scale = float(min(w, h))
@@ -793,7 +856,7 @@ def _render(spec: _Spec, w: int, h: int) -> np.ndarray:
     lm = np.array([[mir * c, mir * s, -mir * (c * cx + s * cy)], [-s, c, s * cx - c * cy]])
     lesion = _Grid(h, w, lm)
 
-    img = _draw_lesion(img, spec, lrng, lesion)
+    img, inside = _draw_lesion(img, spec, lrng, lesion)
     img = _draw_hairs(img, spec, irng, w, h, scale)
     img = _draw_artifacts(img, irng, w, h, scale)
 
@@ -808,7 +871,7 @@ def _render(spec: _Spec, w: int, h: int) -> np.ndarray:
         img = _blend(img, (0.03, 0.025, 0.025), 1.0 - field)
     img = img * np.asarray(irng.uniform(0.95, 1.05, 3), np.float32)  # white balance
     noise = irng.standard_normal((h, w, 3), dtype=np.float32) * np.float32(irng.uniform(0.006, 0.02))
-    return np.clip((img + noise) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return np.clip((img + noise) * 255.0 + 0.5, 0, 255).astype(np.uint8), inside
 
 
 def _outline(lrng: np.random.Generator, g: _Grid, asym: float, border: float) -> np.ndarray:
@@ -857,8 +920,16 @@ def _network(lrng: np.random.Generator, g: _Grid, freq: float, width: float) -> 
     return np.exp(-((band / width) ** 2))
 
 
-def _draw_lesion(img: np.ndarray, spec: _Spec, lrng: np.random.Generator, g: _Grid) -> np.ndarray:
-    """Blend the lesion of `spec.style` into `img` (`g`: lesion coordinates, outline radius ~1)."""
+def _draw_lesion(
+    img: np.ndarray, spec: _Spec, lrng: np.random.Generator, g: _Grid
+) -> tuple[np.ndarray, np.ndarray]:
+    """Blend the lesion of `spec.style` into `img` (`g`: lesion coordinates, outline radius ~1).
+
+    Returns:
+        The image, and the lesion's true shape as a field ``1 - d`` (``d``: the normalised distance to the outline,
+        ``d < 1`` inside), positive exactly where the lesion's opacity is above half its maximum: the ground-truth
+        mask of the segmentation layout (``> 0``).
+    """
     m = spec.malig
     asym, border, varieg = (float(x) for x in np.clip(m + lrng.normal(0, 0.15, 3), 0, 1))  # noisy ABC cues
     rho = np.sqrt(g.u**2 + g.v**2)
@@ -898,7 +969,7 @@ def _draw_lesion(img: np.ndarray, spec: _Spec, lrng: np.random.Generator, g: _Gr
             col = _dots(col, g, lrng, int(5 + 20 * m), 0.035, _BLACK, 0.5, 1.0, lrng.uniform(0.5, 0.9))
         elif lrng.random() < 0.25:
             col = _dots(col, g, lrng, int(lrng.integers(4, 12)), 0.05, _DARK_BROWN, 0.0, 0.6, 0.6)
-        return _blend(img, col * darkness, alpha)
+        return _blend(img, col * darkness, alpha), 1.0 - d
 
     if style == "bkl":
         d = _outline(lrng, g, 0.4 * asym + 0.2, 0.3 * border + 0.15)
@@ -910,7 +981,7 @@ def _draw_lesion(img: np.ndarray, spec: _Spec, lrng: np.random.Generator, g: _Gr
         col = _blend(col, _DARK_BROWN, fissures * lrng.uniform(0.15, 0.4))
         col = _dots(col, g, lrng, int(lrng.integers(3, 14)), 0.05, _WHITE, 0.0, 0.8, 0.8)  # milia-like cysts
         col = _dots(col, g, lrng, int(lrng.integers(2, 10)), 0.04, _DARK_BROWN, 0.0, 0.85)  # comedo-like
-        return _blend(img, col * darkness, alpha)
+        return _blend(img, col * darkness, alpha), 1.0 - d
 
     if style == "bcc":
         d = _outline(lrng, g, 0.5 * asym + 0.2, 0.4 * border + 0.1)
@@ -922,7 +993,7 @@ def _draw_lesion(img: np.ndarray, spec: _Spec, lrng: np.random.Generator, g: _Gr
             cu, cv, rr = lrng.normal(0, 0.2), lrng.normal(0, 0.2), lrng.uniform(0.15, 0.35)
             col = _blend(col, (0.45, 0.14, 0.12), _sigmoid((rr - np.hypot(g.u - cu, g.v - cv)) * 30))
         img = _blend(img, col, alpha)
-        return _vessels(img, lrng, g, spec)
+        return _vessels(img, lrng, g, spec), 1.0 - d
 
     if style == "akiec":
         d = _outline(lrng, g, 0.5 * asym + 0.3, 0.6 * border + 0.3)
@@ -933,7 +1004,7 @@ def _draw_lesion(img: np.ndarray, spec: _Spec, lrng: np.random.Generator, g: _Gr
         col = _blend(col, (0.95, 0.92, 0.80), _sigmoid((flakes - lrng.uniform(0.8, 1.4)) * 5) * lrng.uniform(0.4, 0.7))
         if lrng.random() < 0.5:  # strawberry pattern: white follicular openings
             col = _dots(col, g, lrng, int(lrng.integers(6, 20)), 0.035, _WHITE, 0.0, 0.9, 0.8)
-        return _blend(img, col, alpha)
+        return _blend(img, col, alpha), 1.0 - d
 
     if style == "vasc":
         k = int(lrng.integers(3, 9))
@@ -947,7 +1018,7 @@ def _draw_lesion(img: np.ndarray, spec: _Spec, lrng: np.random.Generator, g: _Gr
         alpha = _sigmoid((1.0 - order[0]) / 0.05) * lrng.uniform(0.8, 0.97)
         septa = _sigmoid((0.12 - (order[1] - order[0])) / 0.03) * (order[1] < 1.0) * 0.6  # whitish septa
         col = _blend(col, (0.85, 0.70, 0.72), septa)
-        return _blend(img, col * (1.0 - 0.25 * spec.skin), alpha)
+        return _blend(img, col * (1.0 - 0.25 * spec.skin), alpha), 1.0 - order[0]  # the union of the lobules
 
     # df: small brown lesion, faint peripheral network, central white scar-like patch
     d = _outline(lrng, g, 0.3 * asym + 0.1, 0.2 * border + 0.1)
@@ -957,7 +1028,7 @@ def _draw_lesion(img: np.ndarray, spec: _Spec, lrng: np.random.Generator, g: _Gr
     cu, cv, rr = lrng.normal(0, 0.1), lrng.normal(0, 0.1), lrng.uniform(0.3, 0.55)
     scar = _sigmoid((rr - np.hypot(g.u - cu, g.v - cv) + 0.08 * _Field(lrng, 6, 3, 8)(g)) * 15)
     col = _blend(col, _WHITE, scar * lrng.uniform(0.6, 0.9))
-    return _blend(img, col * darkness, alpha)
+    return _blend(img, col * darkness, alpha), 1.0 - d
 
 
 def _vessels(img: np.ndarray, lrng: np.random.Generator, g: _Grid, spec: _Spec) -> np.ndarray:

@@ -20,6 +20,21 @@ that decoder is unavailable or fails):
 * ``grayscale`` — mode L, LA, 1, I or F;
 * ``duplicate`` — the same bytes (sha1) as an earlier file in sorted path order; the detail names that first copy.
 
+Segmentation sets (a table with a ``mask`` column) have their masks checked too (:func:`check_mask`), each report
+row naming the mask file:
+
+* ``mask_missing``    — the image's mask file does not exist;
+* ``mask_corrupt``    — the mask cannot be opened or fully decoded;
+* ``mask_size``       — the mask's width x height differs from its image's (as the loaders see the image: turned
+  upright by its EXIF orientation);
+* ``mask_not_binary`` — more values than 0 and one other (anti-aliased or JPEG-compressed edges, a soft mask): the
+  loaders read a pixel above 127 as lesion (above 0 in a mask whose values are at most 127, e.g. 0/1 masks:
+  :func:`fastlesion.data.transforms.binarize_mask`), so such masks are reported and kept unless
+  ``exclude_nonbinary``.
+
+The first three exclude the mask's image from training (``exclude.txt`` lists the mask, and the catalog drops the
+row whose image or mask is listed).
+
 Notes (:data:`NOTES`), report rows that exclude nothing:
 
 * ``oriented``  — the file carries an EXIF orientation tag other than 1: both loaders (PIL through
@@ -48,17 +63,21 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile
 
 from fastlesion.errors import DatasetError
 
-PROBLEMS = ("missing", "empty", "truncated", "corrupt", "not_jpeg", "cmyk", "grayscale", "duplicate")
+MASK_PROBLEMS = ("mask_missing", "mask_corrupt", "mask_size", "mask_not_binary")
+"""Problems of a segmentation set's mask files (the report row names the mask)."""
+
+PROBLEMS = ("missing", "empty", "truncated", "corrupt", "not_jpeg", "cmyk", "grayscale", "duplicate", *MASK_PROBLEMS)
 """Every problem name, in report order."""
 
 NOTES = ("oriented",)
@@ -73,6 +92,10 @@ FATAL = ("missing", "empty", "truncated", "corrupt", "not_jpeg")
 
 COLOR = ("cmyk", "grayscale")
 """Problems that exclude a file only when ``exclude_color`` is true."""
+
+MASK_FATAL = ("mask_missing", "mask_corrupt", "mask_size")
+"""Mask problems that always exclude the row (no mask, or one that does not fit its image); ``mask_not_binary``
+excludes only when ``exclude_nonbinary`` is true."""
 
 COLUMNS = ("path", "problem", "detail", "size_bytes", "width", "height", "mode", "format")
 """Columns of the report, in order."""
@@ -361,8 +384,106 @@ def check_image(path: str) -> list[tuple[str, str]]:
     return list(_inspect(str(path))["problems"])
 
 
+# ----------------------------------------------------------------------------------------------- one mask
+_RAW_MASK_MODES = {"L", "I", "I;16", "I;16B", "I;16L", "F"}
+_EXIF_SWAPS = {5, 6, 7, 8}  # orientations turned upright by a 90-degree rotation: width and height swap
+
+
+def _upright_size(image: str) -> tuple[int, int, bool] | None:
+    """``(width, height, swapped)`` of an image as the loaders see it (EXIF orientation applied); None when its
+    header cannot be read (the image's own check reports that)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with Image.open(image) as im:
+                w, h = im.size
+                swapped = _orientation(im) in _EXIF_SWAPS
+    except Exception:  # noqa: BLE001 - any header failure: no size to compare with
+        return None
+    return (h, w, True) if swapped else (w, h, False)
+
+
+def _mask_values(m: Image.Image) -> np.ndarray:
+    """The mask's pixel values as the loaders read them: greyscale / integer masks as stored, others as 8-bit grey
+    (``1``: 0/255; palette: the palette's grey level)."""
+    return np.asarray(m if m.mode in _RAW_MASK_MODES else m.convert("L"))
+
+
+def _inspect_mask(job: tuple[str, str]) -> dict[str, Any]:
+    """Check the mask of one image (``job = (image path, mask path)``); never raises."""
+    image, mask = job
+    info: dict[str, Any] = {"path": mask, "problems": [], "size_bytes": None, "width": None, "height": None,
+                            "mode": None, "format": None, "sha1": None}
+    try:
+        _inspect_mask_into(image, mask, info)
+    except Exception as e:  # noqa: BLE001 - a checker must report, never crash
+        info["problems"] = [("mask_corrupt", f"checker failed: {_one_line(e)}")]
+    return info
+
+
+def _inspect_mask_into(image: str, mask: str, info: dict[str, Any]) -> None:
+    problems: list[tuple[str, str]] = info["problems"]
+    of = Path(image).name
+    try:
+        info["size_bytes"] = os.path.getsize(mask)
+    except FileNotFoundError:
+        problems.append(("mask_missing", f"the mask of {of} does not exist"))
+        return
+    except OSError as e:
+        problems.append(("mask_corrupt", f"cannot read the mask of {of}: {_one_line(e)}"))
+        return
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                with Image.open(mask) as m:
+                    info["width"], info["height"] = m.size
+                    info["mode"], info["format"] = m.mode, m.format
+                    m.load()
+                    values = _mask_values(m)
+            except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
+                problems.append(("mask_corrupt", f"the mask of {of} cannot be decoded: {_one_line(e)}"))
+                return
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    upright = _upright_size(image)
+    size = (info["width"], info["height"])
+    if upright is not None and size != upright[:2]:
+        detail = f"mask {size[0]}x{size[1]}, its image {of} {upright[0]}x{upright[1]}"
+        if upright[2] and size == upright[1::-1]:
+            detail += (" (turned upright by its EXIF orientation; the mask fits the stored pixels: rotate the mask, "
+                       "or strip the image's orientation tag)")
+        problems.append(("mask_size", detail))
+    uniq = np.unique(values)
+    if len(uniq) > 2 or (len(uniq) == 2 and uniq[0] != 0):
+        top = uniq[-1]
+        soft = float(np.mean((values != 0) & (values != top)))
+        shown = ", ".join(f"{v:g}" for v in uniq[:4]) + (", ..." if len(uniq) > 4 else "")
+        rule = "above 127 reads as lesion" if top > 127 else "nonzero reads as lesion"
+        why = (f"no 0 background: every pixel {rule}" if uniq[0] != 0 else
+               f"{soft:.1%} of the pixels neither 0 nor {top:g} (anti-aliased or lossy edges); a pixel {rule}")
+        problems.append(("mask_not_binary", f"{len(uniq)} values ({shown}): {why}"))
+
+
+def check_mask(image: str | Path, mask: str | Path) -> list[tuple[str, str]]:
+    """Check the mask of one image: present, decodable, the image's size (upright), binary.
+
+    Args:
+        image: the image file (only its header is read, for its size and EXIF orientation).
+        mask: its mask file.
+
+    Returns:
+        A list of ``(problem, detail)`` pairs (names from :data:`MASK_PROBLEMS`); ``[]`` for a good mask: 0 and at
+        most one other value, the image's width x height.
+    """
+    return list(_inspect_mask((str(image), str(mask)))["problems"])
+
+
 # ----------------------------------------------------------------------------------------------- many files
-def _progress_iter(results: Iterable[dict[str, Any]], total: int, progress: bool) -> Iterator[dict[str, Any]]:
+def _progress_iter(results: Iterable[dict[str, Any]], total: int, progress: bool,
+                   title: str = "checking images") -> Iterator[dict[str, Any]]:
     """Yield ``results``, drawing a rich progress bar on stderr when ``progress``.
 
     The bar is refreshed by hand (no refresh thread), so worker processes may be forked while it is shown.
@@ -373,7 +494,7 @@ def _progress_iter(results: Iterable[dict[str, Any]], total: int, progress: bool
     from rich import progress as rp
     from rich.console import Console
 
-    columns = (rp.TextColumn("checking images"), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
+    columns = (rp.TextColumn(title), rp.BarColumn(), rp.MofNCompleteColumn(), rp.TimeElapsedColumn(),
                rp.TextColumn("eta"), rp.TimeRemainingColumn())
     with rp.Progress(*columns, console=Console(stderr=True), auto_refresh=False, transient=False) as bar:
         task = bar.add_task("check", total=total)
@@ -394,17 +515,27 @@ def _mp_context() -> Any:
     return multiprocessing.get_context("fork" if "fork" in methods else None)
 
 
-def _run_parallel(paths: list[str], workers: int) -> Iterator[dict[str, Any]]:
-    """Inspect ``paths`` in ``workers`` processes, yielding results in order.
+def _crashed(item: Any) -> dict[str, Any]:
+    """The report of an image (a path) or a mask (an ``(image, mask)`` job) whose worker process died."""
+    path, problem = (item[1], "mask_corrupt") if isinstance(item, tuple) else (item, "corrupt")
+    return {"path": path, "problems": [(problem, "the decoder crashed (worker process died) on this file")],
+            "size_bytes": None, "width": None, "height": None, "mode": None, "format": None, "sha1": None}
+
+
+def _run_parallel(items: list[Any], workers: int,
+                  fn: Callable[[Any], dict[str, Any]] | None = None) -> Iterator[dict[str, Any]]:
+    """Inspect ``items`` (image paths, or ``(image, mask)`` jobs with ``fn=_inspect_mask``) in ``workers``
+    processes, yielding results in order.
 
     If a worker process dies (a decoder crash), the rest is checked one file at a time in a fresh single-worker
-    pool, so the file that kills its process is found and reported as ``corrupt`` instead of hanging or aborting.
+    pool, so the file that kills its process is found and reported as corrupt instead of hanging or aborting.
     """
-    chunksize = max(2, min(64, len(paths) // (workers * 8)))
+    fn = fn or _inspect  # looked up now, not at import: a test may replace it
+    chunksize = max(2, min(64, len(items) // (workers * 8)))
     done = 0
     try:
         with cf.ProcessPoolExecutor(max_workers=workers, mp_context=_mp_context()) as ex:
-            for r in ex.map(_inspect, paths, chunksize=chunksize):
+            for r in ex.map(fn, items, chunksize=chunksize):
                 done += 1
                 yield r
         return
@@ -412,14 +543,13 @@ def _run_parallel(paths: list[str], workers: int) -> Iterator[dict[str, Any]]:
         pass
     ex = cf.ProcessPoolExecutor(max_workers=1, mp_context=_mp_context())
     try:
-        for p in paths[done:]:
+        for p in items[done:]:
             try:
-                yield ex.submit(_inspect, p).result()
+                yield ex.submit(fn, p).result()
             except cf.process.BrokenProcessPool:
                 ex.shutdown(wait=False, cancel_futures=True)
                 ex = cf.ProcessPoolExecutor(max_workers=1, mp_context=_mp_context())
-                yield {"path": p, "problems": [("corrupt", "the decoder crashed (worker process died) on this file")],
-                       "size_bytes": None, "width": None, "height": None, "mode": None, "format": None, "sha1": None}
+                yield _crashed(p)
     finally:
         ex.shutdown(wait=True, cancel_futures=True)
 
@@ -474,6 +604,22 @@ def _check(paths: Sequence[str], workers: int, progress: bool) -> tuple[pd.DataF
     return _frame(rows), len(unique)
 
 
+def _check_masks(masks: Mapping[str, str], workers: int, progress: bool) -> tuple[list[dict[str, Any]], int]:
+    """Report rows of the masks (``{image: mask}``) and the number of masks checked."""
+    jobs = sorted({(str(i), str(m)) for i, m in masks.items()}, key=lambda j: j[1])
+    if workers <= 0:
+        workers = os.cpu_count() or 1
+    if workers > 1 and len(jobs) > PARALLEL_MIN_FILES:
+        results: Iterable[dict[str, Any]] = _run_parallel(jobs, min(workers, len(jobs)), _inspect_mask)
+    else:
+        results = map(_inspect_mask, jobs)
+    rows = []
+    for info in _progress_iter(results, len(jobs), progress, "checking masks"):
+        meta = {k: info[k] for k in COLUMNS[3:]}
+        rows.extend({"path": info["path"], "problem": p, "detail": d, **meta} for p, d in info["problems"])
+    return rows, len(jobs)
+
+
 def check_files(paths: Sequence[str], workers: int = 0, progress: bool = True) -> pd.DataFrame:
     """Check every file, in parallel, and find byte-identical duplicates.
 
@@ -506,6 +652,7 @@ class CheckResult:
         report_file: the ``check_report.csv`` written (None if not written).
         exclude_file: the ``exclude.txt`` written (None if not written).
         n_oriented: files with an EXIF orientation tag other than 1 (a note in the report, not a problem).
+        n_masks: masks checked (segmentation sets; 0 otherwise), not counted in ``n_files``.
     """
 
     report: pd.DataFrame
@@ -515,6 +662,7 @@ class CheckResult:
     report_file: Path | None = None
     exclude_file: Path | None = None
     n_oriented: int = 0
+    n_masks: int = 0
 
     @property
     def problems(self) -> pd.DataFrame:
@@ -554,8 +702,9 @@ def _entry(path: str, root: Path | None) -> str:
 
 
 def run_check(paths: Sequence[str], out_dir: str | Path, root: str | Path | None = None, workers: int = 0,
-              progress: bool = True, missing: Sequence[str] = (), exclude_color: bool = True) -> CheckResult:
-    """Check a dataset's files and write the report and the exclusion list.
+              progress: bool = True, missing: Sequence[str] = (), exclude_color: bool = True,
+              masks: Mapping[str, str] | None = None, exclude_nonbinary: bool = False) -> CheckResult:
+    """Check a dataset's files (and a segmentation set's masks) and write the report and the exclusion list.
 
     Args:
         paths: the image files listed by the dataset that exist (nonexistent ones are reported ``missing`` too).
@@ -565,6 +714,9 @@ def run_check(paths: Sequence[str], out_dir: str | Path, root: str | Path | None
         progress: draw a progress bar on stderr.
         missing: paths listed by the dataset CSV that do not exist (the catalog finds those).
         exclude_color: also exclude ``cmyk`` and ``grayscale`` files (they are reported either way).
+        masks: segmentation sets: ``{image path: mask path}``; each mask is checked (:func:`check_mask`) and a bad
+            one (:data:`MASK_FATAL`) is listed in exclude.txt, which drops its row from training.
+        exclude_nonbinary: also exclude ``mask_not_binary`` masks (reported either way).
 
     Returns:
         The :class:`CheckResult`. Training honours exclude.txt through the config option ``data.exclude_file``.
@@ -572,10 +724,12 @@ def run_check(paths: Sequence[str], out_dir: str | Path, root: str | Path | None
     keys = {os.path.realpath(str(p)) for p in paths}
     extra = [m for m in _unique(missing) if os.path.realpath(m) not in keys]
     report, n_files = _check(paths, workers, progress)
-    if extra:
+    mask_rows, n_masks = _check_masks(masks, workers, progress) if masks else ([], 0)
+    if extra or mask_rows:
         gone = [{"path": m, "problem": "missing", "detail": "listed by the dataset but not on disk"} for m in extra]
-        report = _frame(report.to_dict("records") + gone)
-    kinds = FATAL + ("duplicate",) + (COLOR if exclude_color else ())
+        report = _frame(report.to_dict("records") + gone + mask_rows)
+    kinds = (FATAL + ("duplicate",) + (COLOR if exclude_color else ()) + (MASK_FATAL if masks else ())
+             + (("mask_not_binary",) if masks and exclude_nonbinary else ()))
     excluded = sorted(set(report.loc[report["problem"].isin(kinds), "path"]))
 
     out = Path(out_dir)
@@ -593,7 +747,7 @@ def run_check(paths: Sequence[str], out_dir: str | Path, root: str | Path | None
         raise DatasetError(f"{out}: cannot write the check report ({_one_line(e)})") from None
     n_oriented = int(report.loc[report["problem"] == "oriented", "path"].nunique())
     return CheckResult(report=report, n_files=n_files + len(extra), n_bad=len(excluded), excluded=excluded,
-                       report_file=report_file, exclude_file=exclude_file, n_oriented=n_oriented)
+                       report_file=report_file, exclude_file=exclude_file, n_oriented=n_oriented, n_masks=n_masks)
 
 
 def read_exclude_file(path: str | Path, root: str | Path | None = None) -> set[str]:
@@ -635,11 +789,12 @@ def format_summary(result: CheckResult, max_names: int = 3) -> str:
         The lines, joined by newlines (no trailing newline).
     """
     rep = result.problems
+    checked = f"{result.n_files:,} files" + (f" and {result.n_masks:,} masks" if result.n_masks else "")
     if result.ok:
-        lines = [f"checked {result.n_files:,} files: no problems found"]
+        lines = [f"checked {checked}: no problems found"]
     else:
         n_files_bad = rep["path"].nunique()
-        lines = [f"checked {result.n_files:,} files: {len(rep):,} problem(s) in {n_files_bad:,} file(s); "
+        lines = [f"checked {checked}: {len(rep):,} problem(s) in {n_files_bad:,} file(s); "
                  f"{result.n_bad:,} excluded from training"]
         excluded = set(result.excluded)
         width = max(len(p) for p in PROBLEMS)
@@ -654,7 +809,8 @@ def format_summary(result: CheckResult, max_names: int = 3) -> str:
                     name += f" (copy of {Path(detail.removeprefix(_DUP_PREFIX)).name})"
                 names.append(name)
             more = f" (+{len(rows) - max_names:,} more)" if len(rows) > max_names else ""
-            kept = "" if rows["path"].isin(excluded).all() else "  [kept: set exclude_color to exclude]"
+            how = "exclude_nonbinary (--exclude-nonbinary)" if problem == "mask_not_binary" else "exclude_color"
+            kept = "" if rows["path"].isin(excluded).all() else f"  [kept: set {how} to exclude]"
             lines.append(f"  {problem:<{width}} {len(rows):>6,}  {', '.join(names)}{more}{kept}")
     oriented = result.report.loc[result.report["problem"] == "oriented", "path"]
     if len(oriented):
