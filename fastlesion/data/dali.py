@@ -12,6 +12,18 @@ Pipelines:
   → ``crop_mirror_normalize`` (ImageNet mean/std, CHW or HWC, float32/float16; bfloat16 is converted by torch).
   Rotation and jitter are left out of the graph when their strength is 0.
 * **eval** — ``fn.decoders.image`` → resize the shorter side to ``image_size / eval_crop`` → center crop → normalise.
+* **segmentation** (a table with a ``mask`` column) — a second ``fn.readers.file`` over the masks, with the same
+  file order and the same sharding settings (no shuffling inside the reader: the order is already drawn), so the
+  two readers yield the same rows batch after batch; both return the row indices and the loader checks that they
+  agree. The mask PNG is decoded on CPU as ``GRAY`` and binarised at full resolution (the rule of
+  :func:`~fastlesion.data.transforms.binarize_mask`: ``> 127`` when its maximum is above 127, else ``> 0``).
+  Training: ``fn.peek_image_shape`` → ``fn.random_crop_generator`` (``loader.scale`` / ``loader.ratio``) gives one
+  window, which ``fn.decoders.image_slice`` decodes from the JPEG (ROI decoding, as above) and ``fn.slice`` cuts
+  from the mask in coordinates relative to the image's size; both are resized to ``image_size`` square (the mask
+  with nearest neighbour), flipped by the same ``coin_flip`` nodes and rotated by the same angle node (the mask
+  nearest neighbour, zero fill); colour jitter and normalisation touch only the image. Evaluation: the whole
+  image and mask squashed to ``image_size`` square (no center crop). The mask leaves the graph as float32
+  ``1 x S x S`` in {0, 1}; on a GPU pipeline it moves to the GPU after the crop and is resized there.
 
 Both decoders apply a JPEG's EXIF orientation tag (``adjust_orientation=True``, DALI's default, spelled out), and so
 does the torch loader (:func:`fastlesion.data.torch_loader.open_rgb`): a photo is seen upright by both backends.
@@ -42,6 +54,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import re
 from collections.abc import Iterator
 
@@ -52,13 +65,15 @@ import torch
 from fastlesion.config import LoaderConfig
 from fastlesion.data import sampling
 from fastlesion.data.loader import ShardedLoader
-from fastlesion.data.transforms import MEAN_255, STD_255, eval_resize_size, jitter
+from fastlesion.data.transforms import MASK_THRESHOLD, MEAN_255, STD_255, eval_resize_size, jitter
 from fastlesion.errors import ConfigError, DatasetError
 
 log = logging.getLogger(__name__)
 
 READER = "reader"
 """Name of the ``fn.readers.file`` operator, given to the iterator as ``reader_name``."""
+MASK_READER = "mask_reader"
+"""Name of the second ``fn.readers.file`` of a segmentation pipeline (the masks, in the same order)."""
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _DECODE_FAILED = re.compile(r"Failed to decode sample\s*#?\d*\s*:\s*(\S[^\n]*)")
@@ -74,8 +89,10 @@ def _pipeline_seed(seed: int, rank: int, epoch: int, train: bool) -> int:
 
 
 def lesion_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_size: int, train: bool,
-                    shard_id: int = 0, num_shards: int = 1, dali_device: str = "cpu", channels_last: bool = False):
-    """The DALI graph, declared once: outputs ``images`` and ``rows`` (the reader's labels, the table rows).
+                    shard_id: int = 0, num_shards: int = 1, dali_device: str = "cpu", channels_last: bool = False,
+                    masks: list[str] | None = None):
+    """The DALI graph, declared once: outputs ``images`` and ``rows`` (the reader's labels, the table rows); with
+    ``masks`` also ``masks`` (float32 1 x S x S in {0, 1}) and ``mask_rows`` (the mask reader's rows).
 
     A ``@pipeline_def`` graph function (applied in :func:`build_pipeline`, which keeps DALI's import lazy): the
     run-time settings (batch size, threads, device, seed, queue depth) are not its arguments but the Pipeline's,
@@ -91,14 +108,24 @@ def lesion_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_
         num_shards: number of shards (DDP world size).
         dali_device: ``cpu`` (everything on CPU threads) or ``gpu`` (nvJPEG ``mixed`` decode, GPU operators).
         channels_last: output HWC (to become a channels_last NCHW tensor) instead of CHW.
+        masks: the mask of each file, in the same order (a segmentation graph), or None.
     """
     from nvidia.dali import fn, types
 
     dtype = types.FLOAT16 if cfg.dtype == "float16" else types.FLOAT
     layout = "HWC" if channels_last else "CHW"
     decode_device = "mixed" if dali_device == "gpu" else "cpu"
-    jpegs, row = fn.readers.file(files=files, labels=rows, shard_id=shard_id, num_shards=num_shards,
-                                 random_shuffle=False, pad_last_batch=True, stick_to_shard=True, name=READER)
+    # the order is drawn by fastlesion.data.sampling: the reader neither shuffles nor reorders, so a second reader
+    # with the same settings over a parallel list (the masks) yields the same rows
+    reading = {"shard_id": shard_id, "num_shards": num_shards, "random_shuffle": False, "pad_last_batch": True,
+               "stick_to_shard": True}
+    jpegs, row = fn.readers.file(files=files, labels=rows, name=READER, **reading)
+    if masks is not None:
+        pngs, mask_row = fn.readers.file(files=masks, labels=rows, name=MASK_READER, **reading)
+        img, mask = _segmentation_pair(jpegs, pngs, cfg, image_size, train, decode_device)
+        img = fn.crop_mirror_normalize(img, dtype=dtype, output_layout=layout, mean=list(MEAN_255), std=list(STD_255))
+        mask = fn.crop_mirror_normalize(mask, dtype=types.FLOAT, output_layout="CHW")  # {0, 1} as float32
+        return img, row, mask, mask_row
     if not train:
         img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, adjust_orientation=True)
         img = fn.resize(img, resize_shorter=eval_resize_size(image_size, cfg.eval_crop), antialias=True)
@@ -115,18 +142,65 @@ def lesion_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_
     return img, row
 
 
-def _augment(img, cfg: LoaderConfig):
-    """Flips, rotation and colour jitter; an operator whose strength is 0 is left out of the graph."""
+def _segmentation_pair(jpegs, pngs, cfg: LoaderConfig, image_size: int, train: bool, decode_device: str):
+    """Image and mask of one sample, cut, resized, flipped and rotated together (module docstring); the image
+    uint8 HWC RGB with colour jitter, the mask uint8 HWC (one channel) in {0, 1}, both ``image_size`` square."""
+    from nvidia.dali import fn, types
+
+    mask = fn.decoders.image(pngs, device="cpu", output_type=types.GRAY)
+    # binarize_mask's rule, per sample: > 127 when the mask's maximum is above 127, else > 0
+    threshold = (fn.reductions.max(mask) > MASK_THRESHOLD) * MASK_THRESHOLD
+    mask = fn.cast(mask > threshold, dtype=types.UINT8)
+    if train:
+        shape = fn.peek_image_shape(jpegs, adjust_orientation=True)  # H, W, C after the EXIF orientation
+        anchor, window = fn.random_crop_generator(shape, random_area=list(cfg.scale),
+                                                  random_aspect_ratio=list(cfg.ratio), num_attempts=10)  # H, W
+        img = fn.decoders.image_slice(jpegs, anchor, window, device=decode_device, output_type=types.RGB, axes=[0, 1],
+                                      normalized_anchor=False, normalized_shape=False, use_fast_idct=cfg.fast_idct,
+                                      adjust_orientation=True)
+        hw = fn.cast(shape[0:2], dtype=types.FLOAT)
+        # the same window relative to the image's size (exact when the sizes agree, proportional when they do not)
+        mask = fn.slice(mask, anchor / hw, window / hw, axes=[0, 1])
+    else:
+        img = fn.decoders.image(jpegs, device=decode_device, output_type=types.RGB, adjust_orientation=True)
+    if decode_device == "mixed":
+        mask = mask.gpu()  # the CPU -> GPU hop of the mask: after the crop, before the resize
+    img = fn.resize(img, size=[image_size, image_size], antialias=True)
+    mask = fn.resize(mask, size=[image_size, image_size], interp_type=types.INTERP_NN, antialias=False)
+    if not train:
+        return img, mask
+    img, mask = _flip_rotate([img, mask], cfg)
+    return _colour(img, cfg), mask
+
+
+def _flip_rotate(nodes: list, cfg: LoaderConfig) -> list:
+    """Random flips and rotation, one draw per sample applied to every node of ``nodes`` (an image and its mask);
+    an operator whose strength is 0 is left out of the graph."""
     from nvidia.dali import fn, types
 
     j = jitter(cfg)
     if cfg.hflip > 0 or cfg.vflip > 0:
-        img = fn.flip(img, horizontal=fn.random.coin_flip(probability=cfg.hflip) if cfg.hflip > 0 else 0,
-                      vertical=fn.random.coin_flip(probability=cfg.vflip) if cfg.vflip > 0 else 0)
+        horizontal = fn.random.coin_flip(probability=cfg.hflip) if cfg.hflip > 0 else 0
+        vertical = fn.random.coin_flip(probability=cfg.vflip) if cfg.vflip > 0 else 0
+        nodes = [fn.flip(n, horizontal=horizontal, vertical=vertical) for n in nodes]
     if j["rotate"] > 0:
         # nearest neighbour, as torchvision's RandomRotation: ~10x cheaper than linear on DALI's CPU warp
-        img = fn.rotate(img, angle=fn.random.uniform(range=[-j["rotate"], j["rotate"]]), keep_size=True,
-                        fill_value=0, interp_type=types.INTERP_NN)
+        angle = fn.random.uniform(range=[-j["rotate"], j["rotate"]])
+        nodes = [fn.rotate(n, angle=angle, keep_size=True, fill_value=0, interp_type=types.INTERP_NN) for n in nodes]
+    return nodes
+
+
+def _augment(img, cfg: LoaderConfig):
+    """Flips, rotation and colour jitter; an operator whose strength is 0 is left out of the graph."""
+    (img,) = _flip_rotate([img], cfg)
+    return _colour(img, cfg)
+
+
+def _colour(img, cfg: LoaderConfig):
+    """Colour jitter (``color_twist``), left out of the graph when its strength is 0."""
+    from nvidia.dali import fn
+
+    j = jitter(cfg)
     twist = {}
     for key in ("brightness", "contrast", "saturation"):
         if j[key] > 0:
@@ -147,15 +221,16 @@ def _pipeline_factory():
 def build_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_size: int, train: bool,
                    batch_size: int, shard_id: int = 0, num_shards: int = 1, dali_device: str = "cpu",
                    device_id: int | None = None, seed: int = 0, channels_last: bool = False,
-                   num_threads: int | None = None, prefetch: int | None = None):
+                   num_threads: int | None = None, prefetch: int | None = None, masks: list[str] | None = None):
     """The pipeline (not yet built) of one epoch: :func:`lesion_pipeline`'s graph with the run-time settings
     ``batch_size``, ``num_threads`` (default ``cfg.workers``), ``device_id`` (None: a CPU-only pipeline), ``seed``
     and ``prefetch_queue_depth`` (``prefetch``, default ``cfg.prefetch``). :class:`DaliLoader` passes its
-    clamped ``workers`` and ``prefetch`` (see :class:`~fastlesion.data.loader.ShardedLoader`)."""
+    clamped ``workers`` and ``prefetch`` (see :class:`~fastlesion.data.loader.ShardedLoader`). ``masks`` (one per
+    file, same order) makes a segmentation graph."""
     threads = cfg.workers if num_threads is None else num_threads
     depth = cfg.prefetch if prefetch is None else prefetch
     return _pipeline_factory()(files, rows, cfg, image_size, train, shard_id=shard_id, num_shards=num_shards,
-                               dali_device=dali_device, channels_last=channels_last,
+                               dali_device=dali_device, channels_last=channels_last, masks=masks,
                                batch_size=batch_size, num_threads=max(1, threads),
                                device_id=device_id if dali_device == "gpu" else None, seed=seed,
                                prefetch_queue_depth=max(1, depth))
@@ -165,7 +240,8 @@ class DaliLoader(ShardedLoader):
     """DALI loader over a catalog table (or a split of it), sharded per rank, with per-epoch shuffling/oversampling.
 
     Args:
-        table: rows with at least ``path`` (absolute) and ``label`` (int class index).
+        table: rows with at least ``path`` (absolute) and ``label`` (int class index); a ``mask`` column (absolute
+            paths of binary mask PNGs) makes a segmentation loader yielding ``(images, masks, idx)``.
         cfg: the loader section (batch sizes, ``workers`` = DALI CPU threads, augmentation, ``dtype``, seed).
         image_size: square input size of the model.
         train: training pipeline (shuffled, augmented, padded shards) or evaluation (each row exactly once).
@@ -196,6 +272,7 @@ class DaliLoader(ShardedLoader):
         self.paths: list[str] = table["path"].astype(str).tolist()
         self.dtype = _TORCH_DTYPES[cfg.dtype]
         self._files: list[str] = []  # the reader's file list (all shards)
+        self._mask_files: list[str] | None = None  # the mask reader's list (segmentation), parallel to _files
         self._rows: list[int] = []
         self._pipe = None
         self._it = None
@@ -217,7 +294,7 @@ class DaliLoader(ShardedLoader):
             return
         self.epoch = epoch
         order = self.draw_order(epoch)
-        if self.train and self.cfg.oversample:
+        if self.train and self.cfg.oversample and self.task == "classification":
             log.info("epoch %d: oversampled class ratio %s", epoch,
                      " ".join(f"{r:.3f}" for r in self.effective_class_ratio))
         # training: lay the shards out contiguously, so that DALI's shard r of W is exactly ShardedLoader.shard for
@@ -226,6 +303,8 @@ class DaliLoader(ShardedLoader):
                                    for r in range(self.world_size)]) if self.train else order
         self._rows = arranged.tolist()
         self._files = [self.paths[i] for i in self._rows]
+        if self.mask_paths is not None:
+            self._mask_files = [self.mask_paths[i] for i in self._rows]
         self._stale = True
 
     def shard_rows(self) -> np.ndarray:
@@ -246,11 +325,13 @@ class DaliLoader(ShardedLoader):
                               shard_id=self.rank, num_shards=self.world_size, dali_device=self.device_name,
                               device_id=self._device_id(), seed=_pipeline_seed(self.cfg.seed, self.rank,
                                                                                self.epoch, self.train),
-                              channels_last=self.channels_last, num_threads=self.workers, prefetch=self.prefetch)
+                              channels_last=self.channels_last, num_threads=self.workers, prefetch=self.prefetch,
+                              masks=self._mask_files)
         pipe.build()
         policy = LastBatchPolicy.DROP if self.drop_last else LastBatchPolicy.PARTIAL
         self._pipe = pipe
-        self._it = DALIGenericIterator([pipe], ["images", "rows"], reader_name=READER, last_batch_policy=policy,
+        outputs = ["images", "rows"] + (["masks", "mask_rows"] if self._mask_files is not None else [])
+        self._it = DALIGenericIterator([pipe], outputs, reader_name=READER, last_batch_policy=policy,
                                        auto_reset=False)
         self._stale = self._needs_reset = False
 
@@ -269,21 +350,30 @@ class DaliLoader(ShardedLoader):
         (e.g. "nvImageCodec failure: '#4'" for a file that is no image at all) the batches that may have been in
         flight, ``(prefetch + 2) x batch_size`` files from ``position`` on, are decoded again one file at a time
         by DALI's own decoder (:func:`find_undecodable`), and the first that fails is named. Where even that
-        finds none, the message lists the candidates rather than guessing.
+        finds none, the message lists the candidates rather than guessing. A segmentation loader's candidates
+        are each image followed by its mask; a file that does not exist is named before any decoding (the reader
+        fails on it ahead of its turn, so the one-at-a-time probe would name its predecessor).
         """
         msg = str(err)
         hint = "run `fastlesion check` and set data.exclude_file"
+        masks = set(self.mask_paths or ())
         m = _DECODE_FAILED.search(msg)
         if m:
             path = m.group(1).strip()
-            return DatasetError(f"{path}: DALI cannot decode image ({_describe(path, '')}); {hint}")
+            what = "mask" if path in masks else "image"
+            return DatasetError(f"{path}: DALI cannot decode {what} ({_describe(path, '', what)}); {hint}")
         reason = _dali_reason(msg)
         rows = self.shard_rows()[position: position + (self.prefetch + 2) * self.batch_size]
-        candidates = list(dict.fromkeys(self.paths[int(r)] for r in rows))
+        files = [self.paths] if self.mask_paths is None else [self.paths, self.mask_paths]
+        candidates = list(dict.fromkeys(f[int(r)] for r in rows for f in files))
+        missing = next((p for p in candidates if not os.path.isfile(p)), None)
+        if missing is not None:
+            return DatasetError(f"{missing}: no such {'mask' if missing in masks else 'image'} file; {hint}")
         found = find_undecodable(candidates, self.device_name, self._device_id()) if candidates else None
         if found is not None:
             path, why = found
-            return DatasetError(f"{path}: DALI cannot decode image ({_describe(path, why or reason)}); {hint}")
+            what = "mask" if path in masks else "image"
+            return DatasetError(f"{path}: DALI cannot decode {what} ({_describe(path, why or reason, what)}); {hint}")
         shown = ", ".join(candidates[:_MAX_CANDIDATES])
         more = f" (+{len(candidates) - _MAX_CANDIDATES} more)" if len(candidates) > _MAX_CANDIDATES else ""
         return DatasetError(f"DALI failed on a batch of rank {self.rank} ({reason or 'decoder error'}) and no single "
@@ -314,21 +404,29 @@ class DaliLoader(ShardedLoader):
                 self._close()
                 raise self._decode_error(e, position) from None
             x, idx = out["images"], out["rows"].view(-1).to(torch.int64)
+            # segmentation: the masks (float32 N x 1 x S x S); else the labels of the rows, looked up below
+            y = out.get("masks")
+            if y is not None and not torch.equal(out["mask_rows"].view(-1).to(torch.int64), idx):
+                self._close()
+                raise RuntimeError("DALI loader: the image and mask readers went out of step (a bug, not a data "
+                                   "problem)")
             position += len(idx)
             if seen is not None:  # evaluation: never yield a padded duplicate
                 keep = ~seen[idx.numpy()]
                 seen[idx.numpy()] = True
                 if not keep.all():
-                    mask = torch.from_numpy(keep)
-                    idx = idx[mask]
-                    x = x[mask.to(x.device)]
+                    kept = torch.from_numpy(keep)
+                    idx = idx[kept]
+                    x = x[kept.to(x.device)]
+                    y = y[kept.to(y.device)] if y is not None else None
                 if len(idx) == 0:
                     continue
             if self.channels_last:
                 x = x.permute(0, 3, 1, 2)  # NHWC storage, NCHW logical shape: channels_last memory format
             if x.dtype != self.dtype:
                 x = x.to(self.dtype)
-            y = torch.from_numpy(self.labels[idx.numpy()])
+            if y is None:
+                y = torch.from_numpy(self.labels[idx.numpy()])
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True), idx
         self._stale = False
         self._needs_reset = True
@@ -349,10 +447,13 @@ def _dali_reason(text: str) -> str:
     return ""
 
 
-def _describe(path: str, reason: str) -> str:
-    """Why ``path`` cannot be decoded: what ``fastlesion check`` says of it, else DALI's reason."""
+def _describe(path: str, reason: str, what: str = "image") -> str:
+    """Why ``path`` cannot be decoded: what ``fastlesion check`` says of an image, else (and for a mask, which is
+    no JPEG) DALI's reason."""
     from fastlesion.data.validate import check_image
 
+    if what != "image":
+        return reason or "decoder error"
     problems = check_image(path)
     if problems:
         return "; ".join(f"{p}: {d}" for p, d in problems)[:_MAX_REASON]

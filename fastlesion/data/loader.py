@@ -14,6 +14,14 @@ differ only in how a batch is decoded:
 * ``loader.num_samples``, ``loader.batch_size``, ``loader.drop_last``; ``loader.backend`` (``dali`` | ``torch``)
   and ``loader.device_name`` (where images are decoded: ``cpu`` | ``gpu``).
 
+Segmentation: a table with a ``mask`` column (the path of each image's binary mask) makes a segmentation loader
+(``loader.task == "segmentation"``, the same for both backends): ``for images, masks, idx in loader`` with images as
+above and ``masks`` float32 ``[N, 1, H, W]`` in {0, 1}, contiguous, on the training device. Training crops, resizes
+(mask: nearest neighbour), flips and rotates (mask: nearest, zero fill) image and mask with one draw; colour jitter
+touches the image only. Evaluation squashes the whole image to ``image_size`` square (no center crop: every mask
+pixel is scored). A mask of another size than its image is first resized to the image's size (nearest neighbour).
+Sharding, exactly-once evaluation and the limits below carry over; ``loader.oversample`` has no effect (one class).
+
 Limits (:class:`ShardedLoader`, before any pipeline or DataLoader exists, the same for both backends): a batch
 larger than this process's shard is clamped to the shard (one warning naming the key; a derived eval batch, i.e.
 ``eval_batch_size`` None, silently); ``loader.workers`` above :data:`WORKERS_PER_CORE` x the usable CPU cores and
@@ -81,6 +89,7 @@ class Loader(Protocol):
 
     backend: str
     device_name: str
+    task: str
     labels: np.ndarray
     num_classes: int
     num_samples: int
@@ -97,6 +106,9 @@ class Loader(Protocol):
 
 class ShardedLoader:
     """The bookkeeping both backends share: labels, batch size, this rank's share, ``drop_last``, length, orders.
+
+    ``task`` is ``segmentation`` when the table has a ``mask`` column (``mask_paths`` its values), else
+    ``classification``.
 
     Training: every rank sees ``ceil(n / world_size)`` samples of the epoch's order (padded by wrapping around, so
     all ranks take the same number of steps); evaluation: the contiguous :func:`~fastlesion.data.sampling.eval_share`,
@@ -119,6 +131,8 @@ class ShardedLoader:
         self.device = torch.device(device)
         self.channels_last = channels_last
         self.image_size = image_size
+        self.task = "segmentation" if "mask" in table.columns else "classification"
+        self.mask_paths: list[str] | None = table["mask"].astype(str).tolist() if "mask" in table.columns else None
         self.labels = table["label"].to_numpy().astype(np.int64)
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         n = len(self.labels)
@@ -132,6 +146,8 @@ class ShardedLoader:
         self.prefetch = self._clamped(cfg.prefetch, MAX_PREFETCH, "loader.prefetch",
                                       f"the maximum of {MAX_PREFETCH} batches")
         self.drop_last = train and self.num_samples >= self.batch_size
+        if train and cfg.oversample and self.task == "segmentation":
+            self._warn("loader.oversample has no effect on a segmentation table (one class): ignored")
         self._check_memory()
         self.epoch = 0
         self.effective_class_ratio = sampling.class_ratio(self.labels, np.arange(n), self.num_classes)
@@ -197,6 +213,8 @@ class ShardedLoader:
         if not budget:
             return
         batch = self.batch_size * 3 * self.image_size**2 * self.value_bytes()
+        if self.task == "segmentation":
+            batch += self.batch_size * self.image_size**2 * 4  # the float32 masks
         held = self.held_batches()
         if batch * held > budget:
             key = "loader.batch_size" if self.train else "loader.eval_batch_size"
@@ -212,7 +230,8 @@ class ShardedLoader:
     def draw_order(self, epoch: int) -> np.ndarray:
         """Epoch ``epoch``'s order of the whole table, the same on every rank: a seeded shuffle (resampled when
         oversampling) for training, the table order for evaluation. Updates ``effective_class_ratio``."""
-        power = self.cfg.oversample_power if self.train and self.cfg.oversample else None
+        oversample = self.train and self.cfg.oversample and self.task == "classification"
+        power = self.cfg.oversample_power if oversample else None
         order = sampling.epoch_order(self.labels, epoch, self.cfg.seed, shuffle=self.train, oversample_power=power)
         self.effective_class_ratio = sampling.class_ratio(self.labels, order, self.num_classes)
         return order
@@ -256,7 +275,10 @@ def resolve_dali_device(cfg: LoaderConfig) -> str:
 
 def build_loader(table: pd.DataFrame, cfg: LoaderConfig, image_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", channels_last: bool = False) -> Loader:
-    """The loader of the configured backend over ``table`` (a catalog table or one of its splits)."""
+    """The loader of the configured backend over ``table`` (a catalog table or one of its splits).
+
+    A ``mask`` column in ``table`` makes it a segmentation loader yielding ``(images, masks, idx)`` (see the module
+    docstring); both backends read the column themselves, so a backend built directly behaves the same."""
     backend = resolve_backend(cfg)
     if backend == "dali":
         from fastlesion.data.dali import DaliLoader

@@ -3,6 +3,11 @@
 Same contract as the DALI loader (:class:`fastlesion.data.loader.Loader`): iterating yields
 ``(images, labels, idx)`` already on the training device, ``len()`` is the number of steps per epoch, known up front.
 An EXIF orientation tag is applied, as cameras, viewers and DALI's decoders do (:func:`open_rgb`).
+
+A table with a ``mask`` column yields ``(images, masks, idx)`` instead (:class:`ImageMaskTable`): each mask is read
+as greyscale, binarised at full resolution (:func:`~fastlesion.data.transforms.binarize_mask`), resized to its
+image's size with nearest neighbour when the sizes differ, and transformed together with its image by torchvision
+v2 (``tv_tensors.Mask``: nearest neighbour, zero fill; colour jitter leaves it alone).
 """
 
 from __future__ import annotations
@@ -16,7 +21,13 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fastlesion.config import LoaderConfig
 from fastlesion.data.loader import ShardedLoader
-from fastlesion.data.transforms import eval_transform, train_transform
+from fastlesion.data.transforms import (
+    binarize_mask,
+    eval_transform,
+    seg_eval_transform,
+    seg_train_transform,
+    train_transform,
+)
 from fastlesion.errors import DatasetError
 
 
@@ -49,18 +60,61 @@ class ImageTable(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, item: tuple[int, int]):
-        i, seed = item
-        path = self.paths[i]
+    @staticmethod
+    def _open(path: str) -> Image.Image:
         try:
-            img = open_rgb(path)
+            return open_rgb(path)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             raise DatasetError(f"{path}: cannot decode image ({e}); run `fastlesion check` and set "
                                "data.exclude_file") from None
+
+    def __getitem__(self, item: tuple[int, int]):
+        i, seed = item
+        img = self._open(self.paths[i])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             x = self.transform(img)
         return x, int(self.labels[i]), i
+
+
+def open_mask(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
+    """The mask at ``path`` as uint8 {0, 1} of shape ``(H, W)`` (:func:`binarize_mask`), resized to ``size``
+    ``(W, H)`` (PIL's order) with nearest neighbour when given and different. No EXIF orientation is applied:
+    a mask is a PNG aligned with its image's pixels.
+
+    Raises:
+        DatasetError: one line naming the file when it cannot be read or decoded.
+    """
+    try:
+        with Image.open(path) as im:
+            mask = binarize_mask(np.asarray(im.convert("L")))
+    except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+        raise DatasetError(f"{path}: cannot decode mask ({e}); run `fastlesion check` and set "
+                           "data.exclude_file") from None
+    if size is not None and (mask.shape[1], mask.shape[0]) != tuple(size):
+        mask = np.array(Image.fromarray(mask).resize(tuple(size), Image.Resampling.NEAREST))
+    return mask
+
+
+class ImageMaskTable(ImageTable):
+    """Image and mask pairs of a segmentation table: item ``(i, seed)`` is ``(image float 3xSxS, mask float
+    1xSxS in {0, 1}, i)``, one seeded draw of ``transform`` (a v2 transform of ``(PIL image, tv_tensors.Mask)``)
+    moving both."""
+
+    def __init__(self, paths: list[str], mask_paths: list[str], labels: np.ndarray, transform) -> None:
+        super().__init__(paths, labels, transform)
+        self.mask_paths = mask_paths
+
+    def __getitem__(self, item: tuple[int, int]):
+        from torchvision import tv_tensors
+
+        i, seed = item
+        img = self._open(self.paths[i])
+        mask = tv_tensors.Mask(torch.from_numpy(open_mask(self.mask_paths[i], img.size)).unsqueeze(0))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            x, m = self.transform(img, mask)
+        return x, m.as_subclass(torch.Tensor).to(torch.float32), i
 
 
 class _ListSampler(torch.utils.data.Sampler):
@@ -78,7 +132,9 @@ class _ListSampler(torch.utils.data.Sampler):
 
 
 class TorchLoader(ShardedLoader):
-    """DataLoader-based loader over a table, sharded per rank, with per-epoch shuffling/oversampling."""
+    """DataLoader-based loader over a table, sharded per rank, with per-epoch shuffling/oversampling.
+
+    A ``mask`` column makes it a segmentation loader: batches are ``(images, masks, idx)`` (module docstring)."""
 
     backend = "torch"
 
@@ -86,8 +142,12 @@ class TorchLoader(ShardedLoader):
                  world_size: int = 1, device: torch.device | str = "cpu", channels_last: bool = False) -> None:
         super().__init__(table, cfg, train, rank=rank, world_size=world_size, device=device,
                          channels_last=channels_last, image_size=image_size)
-        tf = train_transform(cfg, image_size) if train else eval_transform(cfg, image_size)
-        self.dataset = ImageTable(table["path"].tolist(), self.labels, tf)
+        if self.mask_paths is not None:
+            tf = seg_train_transform(cfg, image_size) if train else seg_eval_transform(cfg, image_size)
+            self.dataset = ImageMaskTable(table["path"].tolist(), self.mask_paths, self.labels, tf)
+        else:
+            tf = train_transform(cfg, image_size) if train else eval_transform(cfg, image_size)
+            self.dataset = ImageTable(table["path"].tolist(), self.labels, tf)
         self.sampler = _ListSampler()
         self.set_epoch(0)
         self.loader = torch.utils.data.DataLoader(
@@ -118,7 +178,8 @@ class TorchLoader(ShardedLoader):
                 if isinstance(e, DatasetError) and "Original Traceback" not in str(e):
                     raise  # raised in this process (workers=0): already one line
                 raise DatasetError(_worker_error_line(e)) from None
-            # non_blocking pairs with pin_memory: the copy overlaps the next batch's work on CUDA
+            # non_blocking pairs with pin_memory: the copy overlaps the next batch's work on CUDA; y is the labels,
+            # or the float masks N x 1 x S x S of a segmentation table (contiguous, never channels_last)
             yield (x.to(self.device, non_blocking=True).contiguous(memory_format=fmt),
                    y.to(self.device, non_blocking=True), idx)
 

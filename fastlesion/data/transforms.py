@@ -2,11 +2,19 @@
 
 Both backends normalise with the same ImageNet mean/std (in the 0..255 scale for DALI, 0..1 for torchvision) and
 apply the same augmentation parameters from :class:`~fastlesion.config.LoaderConfig`.
+
+Segmentation (a table with a ``mask`` column) uses torchvision v2 on an ``(image, tv_tensors.Mask)`` pair
+(:func:`seg_train_transform`, :func:`seg_eval_transform`): one draw of each random op moves both, the mask with
+nearest neighbour and zero fill, colour jitter and normalisation touch only the image. Masks are binarised once,
+at full resolution, by :func:`binarize_mask` (the rule DALI's graph applies too).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+
+import numpy as np
 
 from fastlesion.config import LoaderConfig
 
@@ -32,18 +40,8 @@ def train_transform(cfg: LoaderConfig, image_size: int):
     """RandomResizedCrop, flips, rotation, ColorJitter, ToTensor, Normalize."""
     from torchvision import transforms as T
 
-    j = jitter(cfg)
     ops = [T.RandomResizedCrop(image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), antialias=True)]
-    if cfg.hflip > 0:
-        ops.append(T.RandomHorizontalFlip(cfg.hflip))
-    if cfg.vflip > 0:
-        ops.append(T.RandomVerticalFlip(cfg.vflip))
-    if j["rotate"] > 0:
-        ops.append(T.RandomRotation(j["rotate"]))
-    if any(j[k] > 0 for k in ("brightness", "contrast", "saturation", "hue")):
-        ops.append(T.ColorJitter(j["brightness"], j["contrast"], j["saturation"], j["hue"]))
-    ops += [T.ToTensor(), T.Normalize(MEAN, STD)]
-    return T.Compose(ops)
+    return T.Compose(ops + _jitter_ops(cfg, T) + [T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
 def eval_transform(cfg: LoaderConfig, image_size: int):
@@ -52,3 +50,87 @@ def eval_transform(cfg: LoaderConfig, image_size: int):
 
     return T.Compose([T.Resize(eval_resize_size(image_size, cfg.eval_crop), antialias=True),
                       T.CenterCrop(image_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+MASK_THRESHOLD = 127
+"""A mask pixel is lesion when above this value (0/255 masks, blurred edges included); a mask whose maximum is at
+most this value (0/1 masks, label indices) counts every nonzero pixel as lesion. See :func:`binarize_mask`."""
+
+
+def binarize_mask(mask: np.ndarray) -> np.ndarray:
+    """A greyscale mask as uint8 {0, 1}: ``mask > 127`` when its maximum is above 127 (0/255 masks, also when a
+    lossy format or resampling left grey edges), else ``mask > 0`` (0/1 masks). An all-zero mask stays all zero."""
+    mask = np.asarray(mask)
+    threshold = MASK_THRESHOLD if mask.size and int(mask.max()) > MASK_THRESHOLD else 0
+    return (mask > threshold).astype(np.uint8)
+
+
+def _jitter_ops(cfg: LoaderConfig, module) -> list:
+    """Flips, rotation (nearest neighbour, zero fill) and colour jitter of ``module`` (torchvision v1 or v2)."""
+    j = jitter(cfg)
+    ops = []
+    if cfg.hflip > 0:
+        ops.append(module.RandomHorizontalFlip(cfg.hflip))
+    if cfg.vflip > 0:
+        ops.append(module.RandomVerticalFlip(cfg.vflip))
+    if j["rotate"] > 0:
+        ops.append(module.RandomRotation(j["rotate"], fill=0))
+    if any(j[k] > 0 for k in ("brightness", "contrast", "saturation", "hue")):
+        ops.append(module.ColorJitter(j["brightness"], j["contrast"], j["saturation"], j["hue"]))
+    return ops
+
+
+@functools.cache
+def _centred_nearest(name: str):
+    """torchvision v2's ``name`` (``RandomResizedCrop`` or ``Resize``) with its mask resized by *centred* nearest
+    neighbour (``NEAREST_EXACT``, as DALI's ``INTERP_NN`` and PIL), not v2's legacy ``NEAREST`` for masks, whose
+    ``floor(dst * scale)`` shifts the mask against the image by up to ``(scale - 1) / 2`` source pixels."""
+    import torch
+    from torchvision import tv_tensors
+    from torchvision.transforms import v2
+    from torchvision.transforms.v2 import functional as F
+
+    base = getattr(v2, name)
+
+    class Joint(base):
+        def transform(self, inpt, params):
+            if not isinstance(inpt, tv_tensors.Mask):
+                return super().transform(inpt, params)
+            m = inpt.as_subclass(torch.Tensor)
+            if "top" in params:  # RandomResizedCrop's window (always inside the image)
+                top, left = params["top"], params["left"]
+                m = m[..., top:top + params["height"], left:left + params["width"]]
+            m = F.resize(m, list(self.size), interpolation=v2.InterpolationMode.NEAREST_EXACT, antialias=False)
+            return tv_tensors.wrap(m, like=inpt)
+
+    Joint.__name__ = Joint.__qualname__ = f"{name}CentredMask"
+    return Joint
+
+
+def _to_normalized(v2) -> list:
+    import torch
+
+    return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+
+
+def seg_train_transform(cfg: LoaderConfig, image_size: int):
+    """torchvision v2 over ``(PIL image, tv_tensors.Mask)``: the classification augmentation applied to both.
+
+    RandomResizedCrop (``loader.scale`` / ``loader.ratio``; the image bilinear with antialias, the mask centred
+    nearest neighbour, see :func:`_centred_nearest`),
+    flips, rotation (both nearest neighbour, zero fill), then colour jitter, ToImage, float and Normalize, which v2
+    applies to the image only. Returns ``(image float 3xSxS, mask tv_tensors.Mask 1xSxS uint8)``."""
+    from torchvision.transforms import v2
+
+    crop = _centred_nearest("RandomResizedCrop")
+    ops = [crop(image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), antialias=True)]
+    return v2.Compose(ops + _jitter_ops(cfg, v2) + _to_normalized(v2))
+
+
+def seg_eval_transform(cfg: LoaderConfig, image_size: int):
+    """torchvision v2 over ``(PIL image, tv_tensors.Mask)``: the whole image squashed to ``image_size`` square
+    (no center crop, so every mask pixel is scored; the mask nearest neighbour), then ToImage, float, Normalize."""
+    from torchvision.transforms import v2
+
+    resize = _centred_nearest("Resize")
+    return v2.Compose([resize((image_size, image_size), antialias=True)] + _to_normalized(v2))
