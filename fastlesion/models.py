@@ -1,4 +1,4 @@
-"""Model registry: curated timm names, torchvision models (``tv_`` prefix) and a small LeNet.
+"""Model registry: curated timm names, torchvision models (``tv_`` prefix), a small LeNet and segmentation networks.
 
 Every network is built with random weights (timm ``pretrained=False``, torchvision ``weights=None``) unless asked
 otherwise: ``pretrained_path`` loads a local file (:func:`load_pretrained`), and ``pretrained=True`` the
@@ -8,6 +8,12 @@ cached copy that is one error saying where to get the file. Registering a model 
 instantiated until :func:`create_model` asks for it. Any other architecture timm knows is accepted by
 :func:`create_model` too, so users can try names outside the curated list. :func:`split_head` tells the classifier
 head from the body (fine-tuning schedules).
+
+Segmentation networks (``task="segmentation"``, :func:`model_task`): U-Net, FPN and DeepLabV3+ from
+segmentation-models-pytorch over a timm encoder (``tu-<timm name>``), mapping ``N x 3 x S x S`` images to
+``N x num_classes x S x S`` mask logits (S divisible by 32). ``pretrained=True`` loads the encoder's timm ImageNet
+weights exactly as for the classifier of that name (Hugging Face hub cache); ``pretrained_path`` takes a segmentation
+checkpoint or the encoder's weights alone (a timm file or a fastlesion classification checkpoint of that encoder).
 
 Example:
     >>> model = create_model("lenet", num_classes=2)
@@ -29,6 +35,7 @@ import torch
 from torch import nn
 
 from fastlesion.errors import FastlesionError
+from fastlesion.metrics import TASKS
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +56,23 @@ class ModelEntry:
     Attributes:
         name: Registry name (what ``model.name`` in the config holds).
         builder: Called as ``builder(num_classes=, in_chans=, drop_rate=, drop_path_rate=)``; returns the module.
-        family: Architecture family shown by ``fastlesion models`` (resnet, efficientnet, torchvision, ...).
+        family: Architecture family shown by ``fastlesion models`` (resnet, efficientnet, torchvision, unet, ...).
         note: One short line shown next to it.
+        task: ``classification`` (logits ``N x classes``) or ``segmentation`` (mask logits ``N x classes x H x W``).
     """
 
     name: str
     builder: Callable[..., nn.Module]
     family: str = ""
     note: str = ""
+    task: str = "classification"
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, builder: Callable[..., nn.Module], family: str = "", note: str = "") -> None:
+def register_model(name: str, builder: Callable[..., nn.Module], family: str = "", note: str = "",
+                   task: str = "classification") -> None:
     """Add an architecture to the registry (nothing is built now).
 
     Args:
@@ -70,9 +80,10 @@ def register_model(name: str, builder: Callable[..., nn.Module], family: str = "
         builder: Called as ``builder(num_classes=, in_chans=, drop_rate=, drop_path_rate=)``.
         family: Architecture family for listings.
         note: One short descriptive line for listings.
+        task: ``classification`` or ``segmentation`` (:data:`fastlesion.metrics.TASKS`).
 
     Raises:
-        ModelError: The name is empty or taken, or the builder is not callable.
+        ModelError: The name is empty or taken, the builder is not callable or the task unknown.
     """
     if not isinstance(name, str) or not name.strip():
         raise ModelError(f"model name must be a non-empty string, got {name!r}")
@@ -80,12 +91,28 @@ def register_model(name: str, builder: Callable[..., nn.Module], family: str = "
         raise ModelError(f"model {name!r} is already registered")
     if not callable(builder):
         raise ModelError(f"model {name!r}: builder must be callable, got {type(builder).__name__}")
-    _REGISTRY[name] = ModelEntry(name, builder, family, note)
+    if task not in TASKS:
+        raise ModelError(f"model {name!r}: task must be one of {TASKS}, got {task!r}")
+    _REGISTRY[name] = ModelEntry(name, builder, family, note, task)
 
 
-def list_models() -> list[str]:
-    """Sorted names of the curated registry (``create_model`` also accepts any other timm name)."""
-    return sorted(_REGISTRY)
+def list_models(task: str | None = None) -> list[str]:
+    """Sorted names of the curated registry (``create_model`` also accepts any other timm name); ``task`` keeps
+    only the models of that task."""
+    return sorted(n for n, e in _REGISTRY.items() if task is None or e.task == task)
+
+
+def model_task(name: str) -> str:
+    """``"classification"`` or ``"segmentation"``: what the model ``name`` predicts (any timm name outside the
+    registry is a classifier).
+
+    Raises:
+        ModelError: ``name`` is neither registered nor a timm architecture.
+    """
+    if name in _REGISTRY:
+        return _REGISTRY[name].task
+    _resolve(name)  # the unknown-name error, with suggestions
+    return "classification"
 
 
 # ----------------------------------------------------------------------------------------------------------- LeNet
@@ -171,24 +198,26 @@ def _torch_hub_file(url: str) -> str:
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url.split("?")[0]))
 
 
-def _timm_unavailable(arch: str, e: BaseException) -> ModelError:
-    """One line for pretrained timm weights that cannot be had: which file, from where, and the ways around it."""
+def _timm_unavailable(arch: str, e: BaseException, what: str | None = None) -> ModelError:
+    """One line for pretrained timm weights that cannot be had: which file, from where, and the ways around it
+    (``what`` names the model in the message; default ``model <arch>``)."""
+    what = what or f"model {arch}"
     hf_id, filename, url = _timm_source(arch)
     instead = ("or pass a downloaded weights file with --pretrained FILE (model.pretrained_path) instead of "
                "--model.pretrained")
     if hf_id:
         from huggingface_hub import constants
 
-        return ModelError(f"model {arch}: cannot load its pretrained weights: {hf_id} ({filename}) is not in the "
+        return ModelError(f"{what}: cannot load its pretrained weights: {hf_id} ({filename}) is not in the "
                           f"Hugging Face cache {constants.HF_HUB_CACHE} and the hub cannot be reached "
                           f"({_first_line(e)}); on a machine with network run `hf download {hf_id} {filename}` "
                           f"(older huggingface_hub: `huggingface-cli download {hf_id} {filename}`) and copy that "
                           f"cache here (or set HF_HOME to it), {instead}")
     if url:
-        return ModelError(f"model {arch}: cannot load its pretrained weights: {_torch_hub_file(url)} is not cached "
+        return ModelError(f"{what}: cannot load its pretrained weights: {_torch_hub_file(url)} is not cached "
                           f"and {url} cannot be downloaded ({_first_line(e)}); download it on a machine with network "
                           f"into $TORCH_HOME/hub/checkpoints/, {instead}")
-    return ModelError(f"model {arch}: cannot load its pretrained weights ({_first_line(e)}); {instead}")
+    return ModelError(f"{what}: cannot load its pretrained weights ({_first_line(e)}); {instead}")
 
 
 def _build_timm(
@@ -296,6 +325,98 @@ def _load_torchvision_weights(model: nn.Module, arch: str) -> None:
     _load_state(model, twin.state_dict(), f"torchvision weights {weights}", f"tv_{arch}")
 
 
+# ---------------------------------------------------------------------------------------------------- segmentation
+
+_SMP_ARCHS = {"unet": "Unet", "fpn": "FPN", "deeplabv3plus": "DeepLabV3Plus"}
+
+
+class _DropoutConv2d(nn.Conv2d):
+    """``nn.Conv2d`` with channel dropout (``Dropout2d``) on its input: dropout before a segmentation head's
+    convolution without renaming its state-dict keys."""
+
+    def __init__(self, conv: nn.Conv2d, p: float) -> None:
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                         conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode,
+                         device=conv.weight.device, dtype=conv.weight.dtype)
+        self.load_state_dict(conv.state_dict())
+        self.drop = nn.Dropout2d(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(self.drop(x))
+
+
+def is_segmentation_model(model: nn.Module) -> bool:
+    """True for a segmentation-models-pytorch network (an ``encoder``, a ``decoder`` and a ``segmentation_head``)."""
+    return all(isinstance(getattr(model, k, None), nn.Module) for k in ("encoder", "decoder", "segmentation_head"))
+
+
+def _build_smp(
+    arch: str, encoder: str, num_classes: int, in_chans: int = 3, drop_rate: float = 0.0, drop_path_rate: float = 0.0,
+    pretrained: bool = False, **decoder_kwargs: Any,
+) -> nn.Module:
+    """A segmentation-models-pytorch ``arch`` (unet | fpn | deeplabv3plus) over the timm encoder ``encoder``
+    (``tu-<encoder>``), ``num_classes`` mask channels, no output activation (logits).
+
+    ``pretrained=True`` is timm's own loading of the encoder's ImageNet weights (the Hugging Face hub cache, as for
+    the classifier of that name). ``drop_rate``: channel dropout on the segmentation head's input (FPN: its
+    ``decoder_dropout``, which sits there, smp's default 0.2 replaced); ``drop_path_rate``: the encoder's stochastic
+    depth. ``decoder_kwargs`` go to the smp constructor (``decoder_channels``, ...).
+    """
+    try:
+        import segmentation_models_pytorch as smp
+    except ImportError as e:
+        raise ModelError(f"{arch}_{encoder} needs segmentation-models-pytorch: pip install "
+                         "segmentation-models-pytorch") from e
+    what = f"segmentation model {arch} over encoder {encoder}"
+    if pretrained:
+        hf_id, _, url = _timm_source(encoder)
+        if hf_id is None and url is None:
+            raise ModelError(f"{what}: timm has no pretrained weights for {encoder}; drop model.pretrained, or pass "
+                             "a weights file with --pretrained FILE (model.pretrained_path)")
+    kwargs: dict[str, Any] = dict(decoder_kwargs)
+    if arch == "fpn":
+        kwargs["decoder_dropout"] = drop_rate
+    if drop_path_rate > 0:
+        kwargs["drop_path_rate"] = drop_path_rate  # smp hands unknown keywords to timm.create_model
+    cls = getattr(smp, _SMP_ARCHS[arch])
+    while True:
+        try:
+            model = cls(encoder_name=f"tu-{encoder}", encoder_weights=True if pretrained else None,
+                        in_channels=in_chans, classes=num_classes, activation=None, **kwargs)
+            break
+        except TypeError as e:
+            if "drop_path_rate" in kwargs and "drop_path_rate" in str(e):
+                log.warning("%s: encoder %s has no stochastic depth; drop_path_rate=%s ignored", arch, encoder,
+                            kwargs.pop("drop_path_rate"))
+                continue
+            if pretrained:
+                raise _timm_unavailable(encoder, e, what) from e
+            raise
+        except (ModelError, KeyboardInterrupt):
+            raise
+        except Exception as e:  # noqa: BLE001 - hub, network and file errors come in many types
+            if not pretrained:
+                raise
+            raise _timm_unavailable(encoder, e, what) from e
+    if drop_rate > 0 and arch != "fpn":
+        head = model.segmentation_head
+        head[0] = _DropoutConv2d(head[0], drop_rate)
+    return model
+
+
+# name: (arch, timm encoder, decoder keywords, note)
+_SEG_MODELS: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "unet_mobilenetv3_small_050": ("unet", "mobilenetv3_small_050", {"decoder_channels": (64, 32, 24, 16, 8)},
+                                   "tiny U-Net (0.55M, narrow decoder) for quick CPU runs and tests"),
+    "unet_resnet18": ("unet", "resnet18", {}, "U-Net, ResNet-18 encoder"),
+    "unet_resnet34": ("unet", "resnet34", {}, "U-Net, ResNet-34 encoder (segmentation default)"),
+    "unet_efficientnet_b0": ("unet", "efficientnet_b0", {}, "U-Net, EfficientNet-B0 encoder"),
+    "unet_mobilenetv3_large_100": ("unet", "mobilenetv3_large_100", {}, "U-Net, MobileNetV3-Large encoder, light"),
+    "fpn_resnet34": ("fpn", "resnet34", {}, "FPN, ResNet-34 encoder (masks at 1/4 scale, upsampled)"),
+    "deeplabv3plus_resnet34": ("deeplabv3plus", "resnet34", {}, "DeepLabV3+, ResNet-34 encoder (output stride 16)"),
+}
+
+
 # -------------------------------------------------------------------------------------------------------- registry
 
 _TIMM_MODELS: dict[str, tuple[str, str]] = {
@@ -327,6 +448,9 @@ def _register_builtins() -> None:
         register_model(arch, partial(_build_timm, arch), family, f"timm: {note}")
     for arch, note in _TV_MODELS.items():
         register_model(f"tv_{arch}", partial(_build_torchvision, arch), "torchvision", note)
+    for name, (arch, encoder, decoder_kwargs, note) in _SEG_MODELS.items():
+        register_model(name, partial(_build_smp, arch, encoder, **decoder_kwargs), arch, f"smp: {note}",
+                       task="segmentation")
 
 
 _register_builtins()
@@ -463,7 +587,11 @@ def _extract_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _head_prefixes(model: nn.Module) -> list[str]:
-    """Module names of the classifier head: timm ``get_classifier`` / pretrained_cfg, else the last Linear."""
+    """Module names of the output head: timm ``get_classifier`` / pretrained_cfg, else the last Linear; a
+    segmentation model's ``segmentation_head`` (and smp's auxiliary ``classification_head`` when it has one)."""
+    if is_segmentation_model(model):
+        return [n for n in ("segmentation_head", "classification_head") if isinstance(getattr(model, n, None),
+                                                                                    nn.Module)]
     names = {id(m): n for n, m in model.named_modules()}
     heads: list[str] = []
     getter = getattr(model, "get_classifier", None)
@@ -494,12 +622,17 @@ def _shape(t: torch.Tensor) -> str:
 def split_head(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(body, head)`` parameters: the head is the classifier (timm ``get_classifier()`` /
     ``pretrained_cfg["classifier"]``, torchvision's ``fc`` / ``classifier`` and LeNet's ``fc3``, else the last
-    ``nn.Linear``); the body is every other parameter. Shared tensors are listed once, in ``parameters()`` order.
+    ``nn.Linear``); the body is every other parameter. For a segmentation model the body is the (pretrained)
+    encoder and the head everything else: decoder and segmentation head, all new. Shared tensors are listed once,
+    in ``parameters()`` order.
 
     Raises:
         ModelError: No classifier head can be told apart (nothing to train alone, or to give another lr).
     """
-    heads = _head_prefixes(model)
+    if is_segmentation_model(model):
+        heads = [n for n, _ in model.named_children() if n != "encoder"]
+    else:
+        heads = _head_prefixes(model)
     head_ids = {id(p) for h in heads for n, p in model.named_parameters() if n == h or n.startswith(h + ".")}
     if not head_ids:
         arch = getattr(model, "fastlesion_name", None) or type(model).__name__
@@ -518,6 +651,11 @@ def load_pretrained(model: nn.Module, path: str, strict_head: bool = False, stri
     and timm / torchvision ``.pth`` or ``.safetensors`` files. ``module.`` (DDP) and ``_orig_mod.`` (torch.compile)
     prefixes are stripped. A classifier head whose shape differs (ImageNet's 1000 classes into a 2-class model) is
     skipped with a warning, so fine-tuning starts from the backbone.
+
+    A segmentation model takes a segmentation checkpoint (keys ``encoder.*``, ``decoder.*``, ...) as above, or the
+    weights of its encoder alone: a timm file of that architecture or a fastlesion classification checkpoint of it
+    (``resnet34`` into ``unet_resnet34``). Those go into the encoder; the classifier's parts the encoder has no use
+    for (``fc``, ``conv_head``, ...) are left out, and the decoder keeps its random init.
 
     Args:
         model: The freshly built model.
@@ -543,8 +681,68 @@ def load_pretrained(model: nn.Module, path: str, strict_head: bool = False, stri
     state = _extract_state_dict(raw, file)
     if isinstance(raw, Mapping) and raw.get("pruned_structure"):  # `fastlesion prune --method structured`
         _reshape_pruned(model, raw["pruned_structure"], state, file)
-    info = _load_state(model, state, f"weights file {file}", strict_head=strict_head, strict=strict)
+    if is_segmentation_model(model) and not any(k.startswith("encoder.") for k in state):
+        info = _load_encoder_state(model, state, f"weights file {file}", strict=strict)
+    else:
+        info = _load_state(model, state, f"weights file {file}", strict_head=strict_head, strict=strict)
     return {"path": str(file), **info}
+
+
+def _load_encoder_state(model: nn.Module, state: Mapping[str, torch.Tensor], source: str, strict: bool = True) -> dict:
+    """Classifier weights of the encoder's architecture into a segmentation model's timm encoder.
+
+    The keys the timm classifier has and the feature extractor lacks (its head: ``fc``, ``classifier``,
+    ``conv_head``, ...) are dropped; with ``strict`` every encoder tensor must be in ``state`` and every other key of
+    ``state`` must be one of those. Keys are reported with the model's names (``encoder.model.<key>``).
+    """
+    import timm
+
+    arch = getattr(model, "fastlesion_name", None) or type(model).__name__
+    encoder = getattr(model.encoder, "model", None)
+    timm_name = getattr(model.encoder, "name", None)
+    if not isinstance(encoder, nn.Module) or not isinstance(timm_name, str):
+        raise ModelError(f"{source}: {arch} has no timm encoder to load classifier weights into; pass a "
+                         "segmentation checkpoint (keys encoder.*, decoder.*)")
+    prefix = "encoder.model."
+    try:
+        with torch.device("meta"):
+            classifier_keys = set(timm.create_model(timm_name).state_dict())
+    except Exception:  # noqa: BLE001 - some initialisers refuse meta tensors
+        classifier_keys = set(timm.create_model(timm_name).state_dict())
+    own = encoder.state_dict()
+    extra = sorted(set(classifier_keys) - set(own))  # the classifier's head, unused by the feature extractor
+    fitting = {k: v for k, v in state.items() if k in own}
+    if len(fitting) * 2 < len(own):
+        raise ModelError(f"{source} does not fit {arch}: neither a segmentation checkpoint (no encoder.* keys) nor "
+                         f"the weights of its encoder {timm_name} (only {len(fitting)} of the encoder's {len(own)} "
+                         "tensors are in the file)")
+    for key, value in fitting.items():
+        if value.shape != own[key].shape:
+            raise ModelError(f"{source} does not fit {arch}'s encoder {timm_name}: {key} has shape {_shape(value)} "
+                             f"in the file, {_shape(own[key])} in the model")
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own and k not in classifier_keys]
+    real_missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if strict and (real_missing or unexpected):
+        what = []
+        if real_missing:
+            what.append(f"{len(real_missing)} of the encoder's tensors are not in the file (first: "
+                        f"{', '.join(real_missing[:3])})")
+        if unexpected:
+            what.append(f"{len(unexpected)} tensors of the file are not in {timm_name} (first: "
+                        f"{', '.join(unexpected[:3])})")
+        raise ModelError(f"{source} does not fit {arch}'s encoder {timm_name}: {'; '.join(what)}; set "
+                         "model.pretrained_strict false to load the tensors that fit")
+    encoder.load_state_dict(fitting, strict=False)
+    dropped = [k for k in state if k in extra]
+    log.info("%s: loaded %d/%d encoder tensors from %s (classifier parts left out: %s); the decoder keeps its "
+             "random init", arch, len(fitting), len(own), source, ", ".join(dropped) or "none")
+    if real_missing or unexpected:
+        log.warning("%s: encoder tensors absent from %s: %d; tensors of it unused: %d", arch, source,
+                    len(real_missing), len(unexpected))
+    decoder = [k for k in model.state_dict() if not k.startswith(prefix)]
+    return {"loaded": [prefix + k for k in fitting], "missing": [prefix + k for k in missing] + decoder,
+            "skipped": dropped, "unexpected": unexpected}
 
 
 def _reshape_pruned(model: nn.Module, structure: dict, state: Mapping[str, torch.Tensor], file: Path) -> None:
@@ -702,18 +900,19 @@ def _flops_for(name: str, num_classes: int, image_size: int) -> int | None:
 
 def describe_models(names: list[str] | None = None, num_classes: int = 2, image_size: int | None = 224,
                     name_filter: str | None = None) -> list[dict]:
-    """Rows for ``fastlesion models``: name, family, trainable parameters, forward FLOPs and note.
+    """Rows for ``fastlesion models``: name, family, task, trainable parameters, forward FLOPs and note.
 
     Args:
         names: Models to describe (registry or timm names); None = the whole registry.
-        num_classes: Head size the parameter counts assume.
+        num_classes: Head size the parameter counts of classifiers assume (segmentation models are counted with
+            their one-channel lesion mask head).
         image_size: Input side the FLOPs are counted at (one ``3 x image_size x image_size`` image, forward);
             None leaves FLOPs out (``flops`` is None).
         name_filter: Keep only names containing this substring (case-insensitive).
 
     Returns:
-        ``[{"name", "family", "params", "flops", "note"}, ...]`` in the order asked (registry: sorted); ``flops``
-        is an int (see :func:`count_flops`) or None where the model cannot run at ``image_size``.
+        ``[{"name", "family", "task", "params", "flops", "note"}, ...]`` in the order asked (registry: sorted);
+        ``flops`` is an int (see :func:`count_flops`) or None where the model cannot run at ``image_size``.
 
     Raises:
         ModelError: An unknown name.
@@ -723,12 +922,15 @@ def describe_models(names: list[str] | None = None, num_classes: int = 2, image_
         if name_filter and name_filter.lower() not in name.lower():
             continue
         entry = _REGISTRY.get(name)
+        task = entry.task if entry else "classification"
+        classes = 1 if task == "segmentation" else num_classes
         rows.append(
             {
                 "name": name,
                 "family": entry.family if entry else "timm",
-                "params": _count_for(name, num_classes),
-                "flops": _flops_for(name, num_classes, image_size) if image_size else None,
+                "task": task,
+                "params": _count_for(name, classes),
+                "flops": _flops_for(name, classes, image_size) if image_size else None,
                 "note": entry.note if entry else "timm architecture outside the curated registry",
             }
         )

@@ -51,3 +51,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch) -> Path:
+    """HF_HOME in tmp_path and offline mode, in the environment and in huggingface_hub's constants (read once when
+    it is imported, which an earlier test may have done); fill it with ``helpers.fill_hf_cache``."""
+    from huggingface_hub import constants
+
+    home = tmp_path / "hf"
+    home.mkdir()
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return home

@@ -7,6 +7,9 @@ from typing import Any
 
 from fastlesion.config import Config, load_config
 
+HF_REV = "0123456789abcdef0123456789abcdef01234567"
+HF_HUB_ID = "timm/test_resnet.r160_in1k"  # timm's tiny test architecture and its default pretrained tag
+
 
 def tiny_config(root: Path, out: Path, dataset: str = "isic2020", model: str = "lenet", **over: Any) -> Config:
     """One epoch of ``model`` at 32 px from ``root`` into ``out`` (torch loader, no workers, quiet), its own folds
@@ -24,3 +27,20 @@ def train_tiny(root: Path, out: Path, **kw: Any) -> Path:
 
     train(tiny_config(root, out, **kw))
     return out / "best.pt"
+
+
+def fill_hf_cache(hf_home: Path) -> dict:
+    """Put made-up ``test_resnet`` ImageNet weights where huggingface_hub reads them offline
+    (``hub/models--<org>--<name>/{refs/main, snapshots/<rev>/<file>}``); returns the state dict written."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(123)
+    state = {k: v.contiguous() for k, v in timm.create_model("test_resnet", pretrained=False).state_dict().items()}
+    repo = hf_home / "hub" / ("models--" + HF_HUB_ID.replace("/", "--"))
+    (repo / "snapshots" / HF_REV).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HF_REV)
+    save_file(state, str(repo / "snapshots" / HF_REV / "model.safetensors"))
+    return state

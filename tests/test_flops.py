@@ -33,7 +33,7 @@ def test_describe_models_has_flops_scaling_with_size() -> None:
 
 def test_describe_models_filter() -> None:
     rows = M.describe_models(name_filter="RESNET1", image_size=32)
-    assert {r["name"] for r in rows} == {"resnet18", "resnet101", "tv_resnet18"}
+    assert {r["name"] for r in rows} == {"resnet18", "resnet101", "tv_resnet18", "unet_resnet18"}
 
 
 def test_vit_at_another_size_has_no_flops() -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import HF_HUB_ID, fill_hf_cache
 
 from fastlesion import models as M
 from fastlesion.cli import main
@@ -19,42 +20,9 @@ from fastlesion.config import load_config
 from fastlesion.errors import ConfigError
 from fastlesion.models import ModelError
 
-REV = "0123456789abcdef0123456789abcdef01234567"
-HUB_ID = "timm/test_resnet.r160_in1k"  # timm's tiny test architecture and its default pretrained tag
-
-
-def _fill_hf_cache(hf_home: Path) -> dict[str, torch.Tensor]:
-    """The layout huggingface_hub reads offline: hub/models--<org>--<name>/{refs/main, snapshots/<rev>/<file>}."""
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(123)
-    state = {k: v.contiguous() for k, v in timm.create_model("test_resnet", pretrained=False).state_dict().items()}
-    repo = hf_home / "hub" / ("models--" + HUB_ID.replace("/", "--"))
-    (repo / "snapshots" / REV).mkdir(parents=True)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(REV)
-    save_file(state, str(repo / "snapshots" / REV / "model.safetensors"))
-    return state
-
-
-@pytest.fixture
-def offline_hub(tmp_path, monkeypatch) -> Path:
-    """HF_HOME in tmp_path and offline mode, in the environment and in huggingface_hub's constants (read once when
-    it is imported, which an earlier test may have done)."""
-    from huggingface_hub import constants
-
-    home = tmp_path / "hf"
-    home.mkdir()
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    return home
-
 
 def test_timm_pretrained_from_the_hf_cache(offline_hub) -> None:
-    state = _fill_hf_cache(offline_hub)
+    state = fill_hf_cache(offline_hub)
     model = M.create_model("test_resnet", num_classes=3, pretrained=True)
     own = model.state_dict()
     body = [k for k in state if not k.startswith("fc.")]
@@ -67,7 +35,7 @@ def test_timm_offline_without_cache_says_how_to_get_the_file(offline_hub) -> Non
         M.create_model("test_resnet", num_classes=2, pretrained=True)
     msg = str(e.value)
     assert "\n" not in msg
-    assert f"hf download {HUB_ID} model.safetensors" in msg and "huggingface-cli download" in msg
+    assert f"hf download {HF_HUB_ID} model.safetensors" in msg and "huggingface-cli download" in msg
     assert "--pretrained FILE" in msg and str(offline_hub / "hub") in msg
 
 
@@ -83,7 +51,7 @@ def test_cli_offline_error_is_one_line(offline_hub, tiny_isic, tmp_path, capsys)
 def test_cli_trains_from_the_cache_with_env_only(tiny_isic, tmp_path) -> None:
     """A fresh process: HF_HOME and HF_HUB_OFFLINE in the environment are what huggingface_hub honours."""
     home = tmp_path / "hf"
-    _fill_hf_cache(home)
+    fill_hf_cache(home)
     env = {**os.environ, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1"}
     args = [sys.executable, "-m", "fastlesion.cli", "train", "--data", str(tiny_isic), "--model", "test_resnet",
             "--model.pretrained", "true", "--epochs", "1", "--quiet", "--out", str(tmp_path / "r"), "--backend",
