@@ -24,7 +24,7 @@ SHORTCUTS = {  # flag dest -> dotted config key
     "exclude": "data.exclude_file", "image_size": "data.image_size", "model": "model.name",
     "pretrained": "model.pretrained_path", "epochs": "train.epochs", "batch_size": "loader.batch_size",
     "workers": "loader.workers", "backend": "loader.backend", "lr": "optim.lr", "ddp": "train.ddp",
-    "out": "run.out",
+    "out": "run.out", "task": "train.task",
 }
 
 
@@ -50,7 +50,10 @@ def add_config_args(p: argparse.ArgumentParser) -> None:
     """The config flags every training entry takes (``fastlesion train``, ``fastlesion config``, tune/asha.py)."""
     p.add_argument("--config", help="YAML config file (defaults for everything not given)")
     p.add_argument("--data", metavar="ROOT", help="dataset root (data.root); omit for the built-in synthetic set")
-    p.add_argument("--dataset", metavar="KIND", help="synthetic | isic2020 | ham10000 | csv | folder (data.dataset)")
+    p.add_argument("--dataset", metavar="KIND",
+                   help="synthetic | isic2020 | ham10000 | isic2019 | isic2018-seg | csv | folder (data.dataset)")
+    p.add_argument("--task", choices=["classification", "segmentation"],
+                   help="train.task (an isic2018-seg root implies segmentation)")
     p.add_argument("--csv", help="csv kind: the CSV file (data.csv)")
     p.add_argument("--model", help="model name (model.name); see `fastlesion models`")
     p.add_argument("--pretrained", metavar="FILE", help="local weights file (model.pretrained_path)")
@@ -73,7 +76,10 @@ def build_config(args: argparse.Namespace, extra: list[str], base: str | Path | 
     if getattr(args, "data", None) and not getattr(args, "dataset", None) and not getattr(args, "config", None):
         from fastlesion.data.catalog import detect_kind
 
-        overrides.append(f"data.dataset={detect_kind(Path(args.data))}")
+        kind = detect_kind(Path(args.data))
+        overrides.append(f"data.dataset={kind}")
+        if kind == "isic2018-seg" and not getattr(args, "task", None):
+            overrides.append("train.task=segmentation")  # a mask set trains masks
     for flag, key in (("quiet", "run.quiet"), ("overwrite", "run.overwrite")):
         if getattr(args, flag, False):
             overrides.append(f"{key}=true")
@@ -130,12 +136,15 @@ def cmd_check(args: argparse.Namespace, extra: list[str]) -> int:
 
     root = Path(args.root)
     kind = args.dataset or detect_kind(root)
-    overrides = [f"data.root={root}", f"data.dataset={kind}"] + ([f"data.csv={args.csv}"] if args.csv else [])
+    task = args.task or ("segmentation" if kind == "isic2018-seg" else None)
+    overrides = [f"data.root={root}", f"data.dataset={kind}"] + ([f"data.csv={args.csv}"] if args.csv else []) + (
+        [f"train.task={task}"] if task else [])
     cfg = load_config(None, overrides + _dotted(extra))
-    ds = load_dataset(cfg.data, strict=False, use_exclude=False)
+    ds = load_dataset(cfg.data, strict=False, use_exclude=False, task=cfg.train.task)
     out = Path(args.out) if args.out else root
+    masks = dict(zip(ds.table["path"], ds.table["mask"], strict=True)) if "mask" in ds.table.columns else None
     res = run_check(ds.table["path"].tolist(), out, root=ds.root, workers=args.workers, progress=not args.quiet,
-                    missing=ds.missing)
+                    missing=ds.missing, masks=masks, exclude_nonbinary=args.exclude_nonbinary)
     print(format_summary(res))
     return 0 if res.ok else 1
 
@@ -175,7 +184,8 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
     # --data without --dataset: the layout is detected, as `fastlesion train` does
     r = eval_checkpoint(args.checkpoint, _dotted(extra), split=args.split, tta=args.tta, out=args.out,
                         data=args.data, dataset=args.dataset)
-    keys = ("auc", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "loss")
+    keys = (("dice", "iou", "jaccard65", "pixel_accuracy", "loss") if r.get("task") == "segmentation" else
+            ("auc", "accuracy", "balanced_accuracy", "precision", "recall", "specificity", "f1", "loss"))
     print(f"{args.split} ({r['n']} images{', flip TTA' if args.tta else ''}): "
           + "  ".join(f"{k} {r[k]:.4f}" for k in keys) + f"\nwrote {r['out']}")
     return 0
@@ -186,7 +196,8 @@ def cmd_predict(args: argparse.Namespace, extra: list[str]) -> int:
 
     df = predict(args.checkpoint, args.data, args.out, tta=args.tta, overrides=_dotted(extra), skip_bad=args.skip_bad,
                  progress=sys.stderr.isatty())
-    print(f"wrote {len(df)} predictions to {args.out}")
+    what = "masks" if df.attrs.get("task") == "segmentation" else "predictions"
+    print(f"wrote {len(df)} {what} to {df.attrs['out']}")
     if args.skip_bad:
         n = len(df.attrs["skipped"])
         print(f"skipped {n} unreadable image{'' if n == 1 else 's'} (listed in {df.attrs['skipped_file']})")
@@ -277,23 +288,30 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars: one line per epoch")
     t.set_defaults(fn=cmd_train)
 
-    s = sub.add_parser("synth", help="write a synthetic ISIC 2020 / HAM10000 dataset")
-    s.add_argument("--layout", choices=["isic2020", "ham10000", "isic2020-challenge", "isic2019"],
+    s = sub.add_parser("synth", help="write a synthetic ISIC 2020 / HAM10000 / ISIC 2019 dataset, or an ISIC 2018 "
+                                     "Task 1 segmentation set (isic2018-seg: images and lesion masks)")
+    s.add_argument("--layout", choices=["isic2020", "ham10000", "isic2020-challenge", "isic2019", "isic2018-seg"],
                    default="isic2020")
     s.add_argument("--out", required=True)
     s.add_argument("--n", type=int, default=800, help="number of training images")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--size", help="image width (height = 3/4) or WxH; default: a mix of sizes around 600x450")
     s.add_argument("--large", action="store_true", help="2000-6000 px wide images, like the ISIC originals")
-    s.add_argument("--positive-rate", type=float, help="fraction of malignant images (isic2020 default 0.05)")
+    s.add_argument("--positive-rate", type=float, help="fraction of malignant images (isic2020 default 0.05; "
+                   "ham10000, isic2019, isic2018-seg: of melanoma-like lesions, default 0.111)")
     s.add_argument("--workers", type=int, default=2)
     s.set_defaults(fn=cmd_synth)
 
     c = sub.add_parser("check", help="decode every image; report problems; write an exclusion list")
     c.add_argument("root", metavar="DATA_ROOT")
     c.add_argument("--dataset", metavar="KIND",
-                   help="isic2020 | isic2019 | ham10000 | csv | folder (default: detected)")
+                   help="isic2020 | isic2019 | ham10000 | isic2018-seg | csv | folder (default: detected)")
     c.add_argument("--csv", help="csv kind: the CSV file")
+    c.add_argument("--task", choices=["classification", "segmentation"],
+                   help="segmentation: check the masks too (csv kind: the data.mask_col column); implied by "
+                        "isic2018-seg")
+    c.add_argument("--exclude-nonbinary", dest="exclude_nonbinary", action="store_true",
+                   help="also exclude masks with values other than 0 and one other (they are reported either way)")
     c.add_argument("--out", help="where check_report.csv and exclude.txt go (default: DATA_ROOT)")
     c.add_argument("--workers", type=int, default=0, help="processes (0 = all cores)")
     c.add_argument("--quiet", action="store_true")
@@ -304,7 +322,8 @@ def make_parser() -> argparse.ArgumentParser:
     r.add_argument("--size", type=int, default=512)
     r.add_argument("--out", required=True, metavar="DST")
     r.add_argument("--mode", choices=["shorter", "square"], default="shorter")
-    r.add_argument("--dataset", metavar="KIND", help="layout of SRC (default: detected)")
+    r.add_argument("--dataset", metavar="KIND", help="layout of SRC (default: detected); masks of isic2018-seg are "
+                   "resized with nearest neighbour")
     r.add_argument("--workers", type=int, default=0)
     r.add_argument("--quiet", action="store_true")
     r.set_defaults(fn=cmd_prepare)
@@ -329,7 +348,8 @@ def make_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="predict ISIC test.csv (submission CSV) or a folder of images")
     pr.add_argument("checkpoint")
     pr.add_argument("--data", required=True, metavar="ROOT", help="ISIC root with test.csv, or a folder of images")
-    pr.add_argument("--out", default="submission.csv")
+    pr.add_argument("--out", default=None, help="submission CSV (default submission.csv); a segmentation checkpoint: "
+                    "the folder of PNG masks (default masks/)")
     pr.add_argument("--tta", action="store_true", help="average over flips")
     pr.add_argument("--skip-bad", action="store_true",
                     help="check every image first and leave the unreadable ones out (listed with the reason in "

@@ -26,9 +26,9 @@ from typing import Any
 import yaml
 
 from fastlesion.errors import ConfigError
-from fastlesion.metrics import VAL_METRICS
+from fastlesion.metrics import SEG_VAL_METRICS, TASKS, VAL_METRICS
 
-EARLY_STOP_METRICS = ("val_loss", *VAL_METRICS)
+EARLY_STOP_METRICS = ("val_loss", *VAL_METRICS, *SEG_VAL_METRICS)
 """metrics.csv columns that ``train.early_stop_metric`` may watch (the metric names have one definition:
 :data:`fastlesion.metrics.METRIC_KEYS`)."""
 
@@ -40,7 +40,10 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kw)
 
 
-DATASET_KINDS = ("synthetic", "isic2020", "ham10000", "isic2019", "csv", "folder")
+DATASET_KINDS = ("synthetic", "isic2020", "ham10000", "isic2019", "isic2018-seg", "csv", "folder")
+SEG_LOSSES = ("dice_bce", "dice", "bce")
+"""``optim.loss`` choices of a segmentation run (the others are classification losses)."""
+SYNTHETIC_LAYOUTS = ("isic2020", "ham10000", "isic2018-seg")
 CLASS_MAP_PRESETS: dict[str, dict[str, str]] = {
     "ham3": {"mel": "mel", "nv": "nv", "*": "other"},
 }
@@ -76,18 +79,21 @@ def check_class_map(value: dict[str, str] | str | None) -> dict[str, str] | None
 class DataConfig:
     """Where the images are, how they are labelled and split."""
 
-    dataset: str = _f("synthetic", "dataset kind: synthetic | isic2020 | ham10000 | isic2019 | csv | folder")
+    dataset: str = _f("synthetic", "dataset kind: synthetic | isic2020 | ham10000 | isic2019 | isic2018-seg | csv | "
+                      "folder")
     root: str | None = _f(None, "dataset root folder (synthetic: None = generated on first use into the cache)")
     csv: str | None = _f(None, "csv kind: the CSV file (absolute, or relative to root)")
     path_col: str = _f("path", "csv kind: column holding the image path (relative to root, or absolute inside it)")
     label_col: str = _f("label", "csv kind: column holding the label (class name or integer)")
     group_col: str | None = _f(None, "csv kind: column holding the group (patient id) used for grouped splits")
+    mask_col: str = _f("mask", "csv kind, train.task=segmentation: column holding the mask path (a binary PNG)")
     class_map: dict[str, str] | str | None = _f(None, "group source labels into training classes, any dataset kind: "
                                                 "a mapping {source: class} (key '*' = every source label not "
                                                 "named) or a preset (ham3: mel, nv, other); classes in order of "
                                                 "first appearance in the mapping; None = the source classes")
     synthetic_n: int = _f(800, "synthetic kind: number of images generated on first use")
-    synthetic_layout: str = _f("isic2020", "synthetic kind: layout generated (isic2020 | ham10000)")
+    synthetic_layout: str = _f("isic2020", "synthetic kind: layout generated (isic2020 | ham10000 | isic2018-seg; "
+                               "train.task=segmentation turns the default into isic2018-seg)")
     synthetic_size: int = _f(160, "synthetic kind: width in pixels of the generated images (>= 21)")
     synthetic_seed: int = _f(0, "synthetic kind: generator seed")
     synthetic_positive_rate: float = _f(0.2, "synthetic kind: malignant fraction in (0, 1) (20 %: ~30 per "
@@ -110,7 +116,7 @@ class DataConfig:
         _finite_fields(self, "data")
         if self.dataset not in DATASET_KINDS:
             raise ConfigError(f"data.dataset: unknown dataset kind {self.dataset!r}; choose one of {DATASET_KINDS}")
-        _choice("data.synthetic_layout", self.synthetic_layout, ("isic2020", "ham10000"))
+        _choice("data.synthetic_layout", self.synthetic_layout, SYNTHETIC_LAYOUTS)
         _at_least("data.synthetic_n", self.synthetic_n, 1)
         _at_least("data.synthetic_size", self.synthetic_size, SYNTHETIC_MIN_WIDTH,
                   why=" (the generator draws images of at least 16 x 16 px, height = 3/4 of the width)")
@@ -234,7 +240,9 @@ class OptimConfig:
     plateau_patience: int = _f(2, "plateau: epochs without improvement before decaying")
     grad_accum: int = _f(1, "gradient accumulation steps")
     clip_grad: float | None = _f(None, "clip the gradient norm to this value (None = off)")
-    loss: str = _f("ce", "ce | weighted_ce | focal")
+    loss: str = _f("ce", "classification: ce | weighted_ce | focal; segmentation: dice_bce | dice | bce "
+                   "(train.task=segmentation turns the default ce into dice_bce)")
+    dice_weight: float = _f(0.5, "dice_bce: loss = dice_weight * Dice loss + (1 - dice_weight) * BCE")
     label_smoothing: float = _f(0.0, "label smoothing (ce and weighted_ce)")
     focal_gamma: float = _f(2.0, "focal loss gamma")
     ema: bool = _f(False, "keep an exponential moving average of the weights and validate it")
@@ -244,7 +252,8 @@ class OptimConfig:
         _finite_fields(self, "optim")
         _choice("optim.name", self.name, ("sgd", "adam", "adamw", "rmsprop"))
         _choice("optim.scheduler", self.scheduler, ("cosine", "onecycle", "step", "plateau", "constant"))
-        _choice("optim.loss", self.loss, ("ce", "weighted_ce", "focal"))
+        _choice("optim.loss", self.loss, ("ce", "weighted_ce", "focal", *SEG_LOSSES))
+        _in_range("optim.dice_weight", self.dice_weight, 0, 1)
         if self.lr <= 0:
             raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
         _in_range("optim.backbone_lr_mult", self.backbone_lr_mult, 0, 1, lo_open=True)
@@ -269,6 +278,9 @@ class OptimConfig:
 class TrainConfig:
     """Epochs, precision, compile, early stopping and devices."""
 
+    task: str = _f("classification", "classification | segmentation (a binary lesion mask per image; the keys left "
+                   "at their classification defaults take segmentation ones: model.name unet_resnet34, optim.loss "
+                   "dice_bce, train.early_stop_metric val_iou, data.synthetic_layout isic2018-seg)")
     epochs: int = _f(10, "maximum number of epochs")
     seed: int = _f(42, "seed for model init and everything not seeded elsewhere")
     device: str = _f("auto", "auto | cuda | cpu")
@@ -287,6 +299,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _finite_fields(self, "train")
+        _choice("train.task", self.task, TASKS)
         _choice("train.device", self.device, ("auto", "cuda", "cpu"))
         _choice("train.amp", self.amp, ("auto", "bf16", "fp16", "off"))
         _choice("train.compile", self.compile, ("auto", "on", "off"))
@@ -330,6 +343,47 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     run: RunConfig = field(default_factory=RunConfig)
+
+    def __post_init__(self) -> None:
+        if self.train.task == "segmentation":
+            self._segmentation_defaults()
+        self._check_task()
+
+    def _segmentation_defaults(self) -> None:
+        """Keys still at their classification defaults take the segmentation ones (new section objects: a section
+        may be shared with another Config)."""
+        for (section, key), (cls_default, seg_default) in SEG_DEFAULTS.items():
+            sec = getattr(self, section)
+            if getattr(sec, key) == cls_default:
+                setattr(self, section, dataclasses.replace(sec, **{key: seg_default}))
+
+    def _check_task(self) -> None:
+        """The loss, the watched metric and the synthetic layout must belong to ``train.task``."""
+        seg = self.train.task == "segmentation"
+        if seg != (self.optim.loss in SEG_LOSSES):
+            allowed = SEG_LOSSES if seg else ("ce", "weighted_ce", "focal")
+            raise ConfigError(f"optim.loss: {self.optim.loss!r} is not a {self.train.task} loss; choose from {allowed}")
+        metric = self.train.early_stop_metric
+        if metric != "val_loss" and seg != (metric in SEG_VAL_METRICS):
+            allowed = ("val_loss", *(SEG_VAL_METRICS if seg else VAL_METRICS))
+            raise ConfigError(f"train.early_stop_metric: {metric!r} is not a {self.train.task} metric; choose from "
+                              f"{allowed}")
+        if self.data.dataset == "synthetic" and seg != (self.data.synthetic_layout == "isic2018-seg"):
+            raise ConfigError(f"data.synthetic_layout: {self.data.synthetic_layout!r} does not fit train.task="
+                              f"{self.train.task} (isic2018-seg is the segmentation layout)")
+        if self.data.dataset == "isic2018-seg" and not seg:
+            raise ConfigError("data.dataset: isic2018-seg is a segmentation set; add --task segmentation")
+        if seg and self.data.image_size % SEG_SIZE_MULTIPLE:
+            raise ConfigError(f"data.image_size must be a multiple of {SEG_SIZE_MULTIPLE} for segmentation (the "
+                              f"encoder halves it 5 times), got {self.data.image_size}")
+
+
+SEG_DEFAULTS = {("model", "name"): ("resnet18", "unet_resnet34"), ("optim", "loss"): ("ce", "dice_bce"),
+                ("train", "early_stop_metric"): ("val_auc", "val_iou"),
+                ("data", "synthetic_layout"): ("isic2020", "isic2018-seg")}
+"""``(section, key) -> (classification default, segmentation default)``: with ``train.task=segmentation`` a key left
+at its classification default takes the segmentation one."""
+SEG_SIZE_MULTIPLE = 32
 
 
 SECTIONS: dict[str, type] = dict(typing.get_type_hints(Config))
@@ -567,7 +621,12 @@ def replace(cfg: Config, overrides: Overrides | None = None, /, **dotted: Any) -
         changes.setdefault(section, {})[name] = _coerce(key, value, _section_types(SECTIONS[section])[name])
     if not changes:
         return cfg
-    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kw) for s, kw in changes.items()})
+    new = dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **kw) for s, kw in changes.items()})
+    if new.train.task == "segmentation":  # a classification value asked for by name is refused, not rewritten
+        for (section, name), (cls_default, _) in SEG_DEFAULTS.items():
+            if changes.get(section, {}).get(name) == cls_default:
+                raise ConfigError(f"{section}.{name}: {cls_default!r} does not fit train.task=segmentation")
+    return new
 
 
 def lookup(cfg: Config, key: str) -> Any:

@@ -221,7 +221,8 @@ def run_eda(root: str | Path, out: str | Path, dataset: str | None = None, csv: 
     if not root.exists():
         raise FastlesionError(f"{root}: dataset root not found")
     kind = dataset or detect_kind(root)
-    cfg = load_config(None, [f"data.root={root}", f"data.dataset={kind}"] + ([f"data.csv={csv}"] if csv else [])
+    task = ["train.task=segmentation"] if kind == "isic2018-seg" else []  # a mask set: sizes, folds, samples
+    cfg = load_config(None, [f"data.root={root}", f"data.dataset={kind}", *task] + ([f"data.csv={csv}"] if csv else [])
                       + list(overrides or [])).data
     ds = load_dataset(cfg, progress=False)
     if len(ds.table) == 0:

@@ -37,6 +37,13 @@ PAUC_MIN_TPR = 0.8
 """``pauc80``: the partial ROC-AUC above this true positive rate (the ISIC 2024 challenge metric)."""
 VAL_METRICS = tuple(f"val_{k}" for k in METRIC_KEYS)
 """The validation metric columns of ``metrics.csv``, in order (``val_loss`` stands before them)."""
+SEG_METRIC_KEYS = ("dice", "iou", "jaccard65", "pixel_accuracy", "sensitivity", "specificity")
+"""Segmentation metrics (``train.task=segmentation``), each the mean over validation images of the per-image value:
+Dice, IoU (Jaccard), the ISIC 2018 thresholded Jaccard (an image's IoU below 0.65 counts as 0), pixel accuracy,
+pixel sensitivity and specificity (:func:`fastlesion.segment.metrics.segmentation_metrics`)."""
+SEG_VAL_METRICS = tuple(f"val_{k}" for k in SEG_METRIC_KEYS)
+"""The validation metric columns of a segmentation run's ``metrics.csv``."""
+TASKS = ("classification", "segmentation")
 
 
 # --------------------------------------------------------------------------------------------------- helpers

@@ -31,7 +31,8 @@ SHORT_HEADERS = {"best_val_auc": "val AUC", "best_val_accuracy": "val acc", "bes
                  "best_epoch": "best ep", "epochs_run": "epochs", "epoch_seconds": "s/epoch", "images_per_s": "img/s"}
 
 LOSS_COLUMNS = ("train_loss", "val_loss")
-VAL_METRIC_COLUMNS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_f1")
+VAL_METRIC_COLUMNS = ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_f1",  # classification
+                      "val_dice", "val_iou", "val_jaccard65")  # segmentation
 
 
 def _pyplot() -> Any:

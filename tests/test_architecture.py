@@ -47,11 +47,17 @@ def test_load_config_is_replace_on_the_file(tmp_path):
 
 def test_metric_names_have_one_definition():
     from fastlesion.config import EARLY_STOP_METRICS
+    from fastlesion.engine.rundir import metric_columns
     from fastlesion.engine.train import METRIC_COLUMNS
-    from fastlesion.metrics import METRIC_KEYS, VAL_METRICS, classification_metrics
+    from fastlesion.metrics import METRIC_KEYS, SEG_METRIC_KEYS, SEG_VAL_METRICS, VAL_METRICS, classification_metrics
+    from fastlesion.segment.metrics import segmentation_metrics
 
     assert VAL_METRICS == tuple(f"val_{k}" for k in METRIC_KEYS)
-    assert set(EARLY_STOP_METRICS) == {"val_loss", *VAL_METRICS}
+    assert SEG_VAL_METRICS == tuple(f"val_{k}" for k in SEG_METRIC_KEYS)
+    assert set(EARLY_STOP_METRICS) == {"val_loss", *VAL_METRICS, *SEG_VAL_METRICS}
+    assert metric_columns("segmentation")[3:3 + len(SEG_VAL_METRICS)] == list(SEG_VAL_METRICS)
+    stats = {k: np.array([3.0, 0.0]) for k in ("tp", "fp", "fn", "tn")}
+    assert [k for k in segmentation_metrics(stats) if k != "n"] == list(SEG_METRIC_KEYS)
     assert METRIC_COLUMNS[3:3 + len(VAL_METRICS)] == list(VAL_METRICS)
     m = classification_metrics(np.array([0, 1, 0, 1]), np.array([[0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.4, 0.6]]))
     assert [k for k in m if k not in ("confusion", "n")] == list(METRIC_KEYS)

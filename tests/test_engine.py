@@ -259,16 +259,16 @@ def test_early_stop_metric_checked_up_front_and_loss_minimised(tiny_isic, tmp_pa
 
 
 def test_nan_validation_loss_stops_before_saving(tiny_isic, tmp_path, monkeypatch):
-    import fastlesion.engine.train as train_mod
+    import fastlesion.engine.tasks as tasks_mod
 
-    real = train_mod.evaluate
+    real = tasks_mod.evaluate
 
     def diverged(*a, **k):
         res = real(*a, **k)
         res.loss = float("nan")
         return res
 
-    monkeypatch.setattr(train_mod, "evaluate", diverged)
+    monkeypatch.setattr(tasks_mod, "evaluate", diverged)
     with pytest.raises(FastlesionError, match="validation loss is nan at epoch 1.*no checkpoint was written"):
         train(tiny_cfg(tiny_isic, tmp_path / "nan", **{"train.epochs": 2}))
     assert not (tmp_path / "nan" / "best.pt").exists() and not (tmp_path / "nan" / "last.pt").exists()

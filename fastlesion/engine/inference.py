@@ -12,7 +12,10 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
+from PIL import Image
 from torch import nn
 
 from fastlesion.config import Config, config_from_dict, replace
@@ -22,6 +25,7 @@ from fastlesion.data.splits import split_dataset
 from fastlesion.engine import checkpoint as ckpt
 from fastlesion.engine.loop import evaluate
 from fastlesion.engine.runtime import Runtime, resolve_runtime, wrap_model
+from fastlesion.engine.tasks import get_task
 from fastlesion.errors import DatasetError, FastlesionError
 
 log = logging.getLogger(__name__)
@@ -42,7 +46,7 @@ def load_checkpoint_model(path: str | Path, rt: Runtime) -> tuple[nn.Module, dic
     if "model" not in state or "classes" not in state:
         raise FastlesionError(f"{path}: not a fastlesion checkpoint (no 'model'/'classes')")
     cfg = config_from_dict(state["config"], str(path))
-    model = create_model(state["model_name"], num_classes=len(state["classes"]))
+    model = create_model(state["model_name"], num_classes=get_task(cfg.train.task).outputs(len(state["classes"])))
     apply_checkpoint_structure(model, state)  # `fastlesion prune --method structured`: fewer channels
     try:
         model.load_state_dict(state["model"])
@@ -68,7 +72,7 @@ def _data_overrides(saved: Config, data: str | Path | None, dataset: str | None)
 def split_table(cfg: Config, split: str, classes: list[str], path: str | Path) -> tuple[Any, pd.DataFrame]:
     """``(dataset, table)`` of a checkpoint's ``split``: ``val`` (its fold), ``test`` (holdout) or ``all``; the
     dataset's classes must be the checkpoint's."""
-    ds = load_dataset(cfg.data, progress=False)
+    ds = load_dataset(cfg.data, task=cfg.train.task, progress=False)
     if list(ds.classes) != list(classes):
         raise FastlesionError(f"{path}: checkpoint classes {list(classes)} do not match the dataset's {ds.classes}")
     if split == "all":
@@ -105,15 +109,33 @@ def eval_checkpoint(path: str | Path, overrides: list[str] | dict | None = None,
     ds, table = split_table(cfg, split, state["classes"], path)
     loader = build_loader(table, cfg.loader, cfg.data.image_size, train=False, device=rt.device,
                           channels_last=rt.channels_last)
-    res = evaluate(model, loader, rt, tta=tta)
-    m = classification_metrics(res.labels, res.probs, ds.classes)
     out = Path(out) if out else Path(path).parent / f"eval_{split}"
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.train.task == "segmentation":
+        return _eval_segmentation(path, model, loader, rt, cfg, table, ds.classes, split, tta, out)
+    res = evaluate(model, loader, rt, tta=tta)
+    m = classification_metrics(res.labels, res.probs, ds.classes)
     predictions_frame(table, res, ds.classes).to_csv(out / "predictions.csv", index=False)
     if len(set(res.labels)) > 1:
         report.plot_roc(res.labels, res.probs, ds.classes, out / "roc.png")
     report.plot_confusion(m["confusion"], ds.classes, out / "confusion.png")
     result = {"checkpoint": str(path), "split": split, "tta": tta, "n": len(res.labels), "loss": res.loss, **m}
+    (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
+    result["out"] = str(out)
+    return result
+
+
+def _eval_segmentation(path: str | Path, model: nn.Module, loader, rt: Runtime, cfg: Config, table: pd.DataFrame,
+                       classes: list[str], split: str, tta: bool, out: Path) -> dict[str, Any]:
+    """``eval`` of a segmentation checkpoint: the metrics at the model's input size (as in training), per-image
+    scores in ``predictions.csv`` and the first images' outlines in ``overlays.png``."""
+    task = get_task("segmentation")
+    res = task.evaluate(model, loader, rt, cfg, tta=tta)
+    cells, m = task.metrics(res, classes)
+    task.predictions(table, res, classes).to_csv(out / "predictions.csv", index=False)
+    task.on_best(out, res, plots=True)
+    result = {"checkpoint": str(path), "split": split, "tta": tta, "n": len(res.idx), "loss": res.loss,
+              "task": "segmentation", **cells}
     (out / "metrics.json").write_text(json.dumps(result, indent=2, default=float))
     result["out"] = str(out)
     return result
@@ -162,7 +184,61 @@ def unreadable_images(paths: list[str], workers: int = 0, progress: bool = False
 _LOADER_HINT = "; run `fastlesion check` and set data.exclude_file"
 
 
-def predict(path: str | Path, data: str | Path, out: str | Path, tta: bool = False,
+class _PredictImages(torch.utils.data.Dataset):
+    """Unlabelled images for mask prediction: ``(image tensor, (width, height) as shown, row)``; the image is
+    squashed to the model's input as in segmentation evaluation (:func:`~fastlesion.data.transforms.seg_eval_transform`)
+    and its EXIF orientation applied, as both loaders do."""
+
+    def __init__(self, paths: list[str], transform) -> None:
+        self.paths, self.transform = paths, transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        from PIL import UnidentifiedImageError
+
+        from fastlesion.data.torch_loader import open_rgb
+
+        try:
+            img = open_rgb(self.paths[i])
+        except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+            raise DatasetError(f"{self.paths[i]}: cannot decode image ({e}){_LOADER_HINT}") from None
+        return self.transform(img), torch.tensor(img.size), i
+
+
+def _predict_masks(model: nn.Module, cfg: Config, rt: Runtime, table: pd.DataFrame, id_col: str, out: Path,
+                   tta: bool, progress: bool) -> pd.DataFrame:
+    """One ``<stem>_segmentation.png`` (0/255, the image's own size) per image into the folder ``out``; returns
+    ``id, mask, width, height, lesion_fraction`` rows (also written to ``out/masks.csv``). Prediction is one
+    pass over the images with the torch reference path (a DataLoader of ``loader.workers`` processes)."""
+    from fastlesion.data.transforms import seg_eval_transform
+    from fastlesion.segment.predict import mask_filename, predict_mask_logits, resize_probs
+
+    ds = _PredictImages(table["path"].astype(str).tolist(), seg_eval_transform(cfg.loader, cfg.data.image_size))
+    workers = min(cfg.loader.workers, len(ds))
+    dl = torch.utils.data.DataLoader(ds, batch_size=cfg.loader.eval_batch_size or 2 * cfg.loader.batch_size,
+                                     num_workers=workers, pin_memory=rt.device.type == "cuda")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    fmt = torch.channels_last if rt.channels_last else torch.contiguous_format
+    with torch.no_grad():
+        for x, sizes, idx in dl:
+            logits = predict_mask_logits(model, x.to(rt.device).contiguous(memory_format=fmt), rt, tta=tta).cpu()
+            for lg, (w, h), i in zip(logits, sizes.tolist(), idx.tolist()):
+                prob = resize_probs(lg, (w, h))
+                mask = (prob.numpy() > 0.5).astype(np.uint8) * 255
+                name = mask_filename(ds.paths[i])
+                Image.fromarray(mask).save(out / name)
+                rows.append({id_col: table[id_col].iloc[i], "mask": name, "width": w, "height": h,
+                             "lesion_fraction": float((mask > 0).mean())})
+    df = pd.DataFrame(rows)
+    df.to_csv(out / "masks.csv", index=False)
+    df.attrs["task"], df.attrs["out"] = "segmentation", str(out)
+    return df
+
+
+def predict(path: str | Path, data: str | Path, out: str | Path | None = None, tta: bool = False,
             overrides: list[str] | dict | None = None, skip_bad: bool = False,
             progress: bool = False) -> pd.DataFrame:
     """Predict ``data`` with a checkpoint and write ``out``.
@@ -177,14 +253,24 @@ def predict(path: str | Path, data: str | Path, out: str | Path, tta: bool = Fal
     ones are left out and listed with the reason in :func:`skipped_file` (``<out stem>.skipped.csv``, columns
     ``path,reason``; written even when empty, so an old list never lingers). The returned frame's
     ``attrs["skipped"]`` holds the skipped paths and ``attrs["skipped_file"]`` that file (with ``skip_bad``).
+
+    A segmentation checkpoint writes masks instead: ``out`` is a folder (default ``masks``) that gets one
+    ``<image stem>_segmentation.png`` per image at the image's original size (the ISIC 2018 Task 1 submission form)
+    and ``masks.csv`` (:func:`_predict_masks`); the skipped-images list goes beside the folder.
     """
     state = ckpt.load(path)
     cfg = replace(config_from_dict(state["config"], str(path)), overrides)
+    seg = cfg.train.task == "segmentation"
+    out = Path(out if out is not None else ("masks" if seg else "submission.csv"))
     rt = inference_runtime(cfg)
     model, state, _ = load_checkpoint_model(path, rt)
     classes = list(state["classes"])
     table, id_col = image_table(data)
-    if id_col == "image_name" and len(classes) == 2 and classes != ISIC_CLASSES:
+    if seg:  # an ISIC 2018 root holds its ground-truth masks too: they are not images to segment
+        from fastlesion.segment.predict import MASK_SUFFIX
+
+        table = table[~table["path"].astype(str).str.endswith(MASK_SUFFIX)].reset_index(drop=True)
+    if id_col == "image_name" and len(classes) == 2 and classes != ISIC_CLASSES and not seg:
         raise FastlesionError(f"{path}: checkpoint classes {classes} are not the ISIC 2020 classes {ISIC_CLASSES}, "
                               f"so it cannot write the ISIC submission (image_name,target) for {data}")
     skipped: list[str] = []
@@ -197,6 +283,11 @@ def predict(path: str | Path, data: str | Path, out: str | Path, tta: bool = Fal
         table = table[~table["path"].astype(str).isin(set(skipped))].reset_index(drop=True)
         if len(table) == 0:
             raise DatasetError(f"{data}: none of the {len(bad)} images can be read (listed in {side})")
+    if seg:
+        df = _predict_masks(model, cfg, rt, table, id_col, out, tta, progress)
+        if skip_bad:
+            df.attrs["skipped"], df.attrs["skipped_file"] = skipped, str(skipped_file(out))
+        return df
     table = table.assign(label=0)
     loader = build_loader(table, cfg.loader, cfg.data.image_size, train=False, device=rt.device,
                           channels_last=rt.channels_last)
@@ -216,8 +307,9 @@ def predict(path: str | Path, data: str | Path, out: str | Path, tta: bool = Fal
         if id_col == "image_name":
             log.warning("%s holds one probability column per class (%s) of a %d-class checkpoint, not the ISIC 2020 "
                         "submission format (image_name,target)", out, ",".join(df.columns), len(classes))
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     df.to_csv(out, index=False)
+    df.attrs["out"] = str(out)
     if skip_bad:
         df.attrs["skipped"] = skipped
         df.attrs["skipped_file"] = str(skipped_file(out))

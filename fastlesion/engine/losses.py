@@ -1,4 +1,5 @@
-"""Losses: cross-entropy (with label smoothing), class-weighted cross-entropy, focal loss."""
+"""Losses: cross-entropy (with label smoothing), class-weighted cross-entropy, focal loss; the segmentation losses
+(Dice + BCE) live in :mod:`fastlesion.segment.losses`."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastlesion.config import OptimConfig
+from fastlesion.config import SEG_LOSSES, OptimConfig
 
 
 def class_weights(labels: np.ndarray, num_classes: int) -> torch.Tensor:
@@ -34,6 +35,11 @@ class FocalLoss(nn.Module):
 
 
 def create_loss(cfg: OptimConfig, train_labels: np.ndarray, num_classes: int) -> nn.Module:
+    """The training loss of ``optim.loss``: a segmentation loss (dice_bce, dice, bce) takes mask logits and masks."""
+    if cfg.loss in SEG_LOSSES:
+        from fastlesion.segment.losses import create_seg_loss
+
+        return create_seg_loss(cfg)
     if cfg.loss == "focal":
         return FocalLoss(cfg.focal_gamma)
     weight = class_weights(train_labels, num_classes) if cfg.loss == "weighted_ce" else None

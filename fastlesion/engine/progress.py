@@ -45,7 +45,12 @@ def fmt(v: float | None, spec: str = ".4f") -> str:
 
 def epoch_line(row: dict, epochs: int, best: bool) -> str:
     """``epoch  3/10  train_loss 0.412  val_loss 0.398  val_auc 0.8123  acc 0.912  512.3 img/s  12.1s *``"""
+    if "val_dice" in row:  # segmentation
+        metrics = (f"  val_dice {fmt(row['val_dice'])}  val_iou {fmt(row['val_iou'])}"
+                   f"  val_jaccard65 {fmt(row['val_jaccard65'])}")
+    else:
+        metrics = (f"  val_auc {fmt(row['val_auc'])}  val_acc {fmt(row['val_accuracy'])}"
+                   f"  val_bacc {fmt(row['val_balanced_accuracy'])}")
     return (f"epoch {row['epoch']:>3}/{epochs}  train_loss {fmt(row['train_loss'])}  val_loss {fmt(row['val_loss'])}"
-            f"  val_auc {fmt(row['val_auc'])}  val_acc {fmt(row['val_accuracy'])}"
-            f"  val_bacc {fmt(row['val_balanced_accuracy'])}  lr {row['lr']:.2e}"
+            f"{metrics}  lr {row['lr']:.2e}"
             f"  {row['images_per_s']:.1f} img/s  {row['epoch_seconds']:.1f}s" + ("  *best" if best else ""))

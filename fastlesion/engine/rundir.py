@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 
 from fastlesion import locks
 from fastlesion.config import Config, changed_keys, load_config, lookup, save_config
@@ -35,16 +34,24 @@ from fastlesion.engine import checkpoint as ckpt
 from fastlesion.engine.loop import EvalResult
 from fastlesion.engine.progress import console, epoch_line
 from fastlesion.engine.state import Session, checkpoint_state
+from fastlesion.engine.tasks import TASKS, get_task
 from fastlesion.engine.tracking import TB_DIR, Tracker, check_trackers, make_tracker
 from fastlesion.errors import FastlesionError
 from fastlesion.metrics import VAL_METRICS, per_class_columns
 from fastlesion.report import PLOT_FILES
 
-METRIC_COLUMNS = ["epoch", "train_loss", "val_loss", *VAL_METRICS, "lr", "epoch_seconds", "train_seconds",
-                  "val_seconds", "data_seconds", "images_per_s", "steps"]
-"""The columns of ``metrics.csv``, in order: the same for every dataset. The per-class columns, which depend on
-the class names (``val_recall_mel``, ...: :func:`fastlesion.metrics.per_class_columns`), go to
-``metrics_per_class.csv`` (``epoch`` first), one row per epoch as well."""
+
+def metric_columns(task: str = "classification") -> list[str]:
+    """The columns of a ``metrics.csv``, in order: the same for every dataset of a task (``train.task``)."""
+    return ["epoch", "train_loss", "val_loss", *get_task(task).val_metrics, "lr", "epoch_seconds", "train_seconds",
+            "val_seconds", "data_seconds", "images_per_s", "steps"]
+
+
+METRIC_COLUMNS = metric_columns("classification")
+"""The columns of a classification run's ``metrics.csv``, in order: the same for every dataset. The per-class
+columns, which depend on the class names (``val_recall_mel``, ...: :func:`fastlesion.metrics.per_class_columns`), go
+to ``metrics_per_class.csv`` (``epoch`` first), one row per epoch as well. A segmentation run's columns have
+:data:`fastlesion.metrics.SEG_VAL_METRICS` in place of the classification metrics, and no per-class file."""
 RUN_MARKERS = ("last.pt", "best.pt", "metrics.csv", "summary.json")  # a folder with these holds a run
 RUN_FILES = ("config.yaml", "metrics.csv", "metrics_per_class.csv", "best.pt", "last.pt", "predictions_val.csv",
              "summary.json")
@@ -151,10 +158,11 @@ def check_resume(cfg: Config, run_dir: Path) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- file forms
-def write_metrics_csv(out: Path, rows: list[dict], classes: list[str] | None = None) -> None:
-    """``metrics.csv`` (:data:`METRIC_COLUMNS`) and, given the class names, ``metrics_per_class.csv`` (``epoch`` and
+def write_metrics_csv(out: Path, rows: list[dict], classes: list[str] | None = None,
+                      task: str = "classification") -> None:
+    """``metrics.csv`` (:func:`metric_columns`) and, given the class names, ``metrics_per_class.csv`` (``epoch`` and
     the per-class columns; a row of a run from before they existed leaves its cells empty)."""
-    files = [("metrics.csv", METRIC_COLUMNS)]
+    files = [("metrics.csv", metric_columns(task))]
     if classes is not None:
         files.append(("metrics_per_class.csv", ["epoch", *per_class_columns(classes)]))
     for name, columns in files:
@@ -168,16 +176,7 @@ def write_metrics_csv(out: Path, rows: list[dict], classes: list[str] | None = N
 
 def predictions_frame(table: pd.DataFrame, res: EvalResult, classes: list[str]) -> pd.DataFrame:
     """One row per evaluated image: identifiers, label, predicted class and class probabilities."""
-    rows = table.iloc[res.idx]
-    df = pd.DataFrame({"path": rows["path"].values})
-    for col in ("image_name", "image_id", "patient_id", "lesion_id", "group"):
-        if col in rows.columns:
-            df[col] = rows[col].values
-    df["label"] = res.labels
-    df["pred"] = res.probs.argmax(1)
-    for i, c in enumerate(classes):
-        df[f"prob_{c}"] = res.probs[:, i]
-    return df
+    return TASKS["classification"].predictions(table, res, classes)
 
 
 def roc_from_predictions(csv_path: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray] | None:
@@ -212,11 +211,12 @@ def summarize(s: Session, run_dir: Path, stopped_early: bool, best_metrics: dict
     rows, cfg, split = s.rows, s.cfg, s.data.split
     steady = rows[1:] if len(rows) > 1 else rows  # the first epoch includes compilation and warm-up
     best_row = next((r for r in rows if r["epoch"] == s.early.best_epoch), rows[-1])
+    seg = cfg.train.task == "segmentation"
+    headline = s.task.val_metrics if seg else ("val_auc", "val_accuracy", "val_balanced_accuracy", "val_f1")
     return {
-        "model": cfg.model.name, "params": s.params, "dataset": cfg.data.dataset,
+        "model": cfg.model.name, "params": s.params, "dataset": cfg.data.dataset, "task": cfg.train.task,
         "classes": s.classes, "fold": cfg.data.fold, "num_folds": cfg.data.num_folds,
-        "val_auc": best_row["val_auc"], "val_accuracy": best_row["val_accuracy"],
-        "val_balanced_accuracy": best_row["val_balanced_accuracy"], "val_f1": best_row["val_f1"],
+        **{k: best_row[k] for k in headline},
         "val_loss": best_row["val_loss"], "best_metric": cfg.train.early_stop_metric,
         "best_value": s.early.best, "best_epoch": s.early.best_epoch, "epochs_run": len(rows),
         "stopped_early": stopped_early,
@@ -227,7 +227,8 @@ def summarize(s: Session, run_dir: Path, stopped_early: bool, best_metrics: dict
         "compile": s.rt.compile, "channels_last": s.rt.channels_last, "loader": s.train_loader.backend,
         "loader_device": s.train_loader.device_name, "folds_file": str(split.folds_file),
         "confusion": best_metrics.get("confusion"), "run_dir": str(run_dir),
-        **{k: best_row.get(k, float("nan")) for k in (*VAL_METRICS, *per_class_columns(s.classes))},
+        **{k: best_row.get(k, float("nan")) for k in (s.task.val_metrics if seg else
+                                                         (*VAL_METRICS, *per_class_columns(s.classes)))},
     }
 
 
@@ -306,22 +307,24 @@ class RunDir:
         self.tracker = make_tracker(cfg, self.path)
         self.tracker.start(s, resumed)
 
-    def record(self, s: Session, row: dict[str, Any], metrics: dict[str, Any], res: EvalResult,
+    def record(self, s: Session, row: dict[str, Any], metrics: dict[str, Any], res: Any,
                improved: bool) -> None:
         """An epoch's files: best.pt (+ predictions) when it improved, last.pt, metrics.csv; its line; the report."""
         if not self.active:
             return
-        state = checkpoint_state(s, metrics)  # one state for both files: best.pt is last.pt plus the ROC data
+        state = checkpoint_state(s, metrics)  # one state for both files: best.pt is last.pt plus the task's extras
+        task = s.task
         if improved:
-            self.best_metrics, self.best_roc = metrics, (res.labels, res.probs)
-            # best.pt keeps the best epoch's labels and probabilities: a resumed run draws the same roc.png
-            ckpt.save_atomic({**state, "val_labels": torch.as_tensor(np.asarray(res.labels)),
-                              "val_probs": torch.as_tensor(np.asarray(res.probs))}, self.path / "best.pt")
+            self.best_metrics = metrics
+            if task.name == "classification":
+                self.best_roc = (res.labels, res.probs)
+            ckpt.save_atomic({**state, **task.best_extras(res)}, self.path / "best.pt")
             if s.cfg.run.save_predictions:
-                predictions_frame(s.data.split.val, res, s.classes).to_csv(self.path / "predictions_val.csv",
-                                                                           index=False)
+                task.predictions(s.data.split.val, res, s.classes).to_csv(self.path / "predictions_val.csv",
+                                                                          index=False)
+            task.on_best(self.path, res, s.cfg.run.plots)
         ckpt.save_atomic(state, self.path / "last.pt")
-        write_metrics_csv(self.path, s.rows, s.classes)
+        write_metrics_csv(self.path, s.rows, s.classes if task.name == "classification" else None, task.name)
         self.tracker.epoch(row["epoch"], row)  # after last.pt: a resume never repeats an epoch it logged
         console.print(epoch_line(row, s.cfg.train.epochs, improved))
         if self.report is not None:
@@ -341,13 +344,14 @@ class RunDir:
                 roc = roc_from_predictions(self.path / "predictions_val.csv", s.classes)
         summary = summarize(s, self.path, stopped_early, best_metrics, train_seconds)
         if s.cfg.run.plots:
-            write_plots(self.path, roc, s.classes, best_metrics.get("confusion"))
+            write_plots(self.path, roc if s.task.name == "classification" else None, s.classes,
+                        best_metrics.get("confusion"))
         (self.path / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
         self.tracker.finish(s, summary, self.path)
         self.tracker.close()
+        headline = "  ".join(f"{k} {summary[k]:.4f}" for k in s.task.headline)
         console.print(f"best {s.cfg.train.early_stop_metric} {s.early.best:.4f} at epoch {s.early.best_epoch}; "
-                      f"val_auc {summary['val_auc']:.4f}  val_accuracy {summary['val_accuracy']:.4f}; "
-                      f"run folder {self.path}")
+                      f"{headline}; run folder {self.path}")
         return summary
 
     def read_summary(self) -> dict[str, Any]:

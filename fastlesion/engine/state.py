@@ -110,6 +110,13 @@ class Session:
     def classes(self) -> list[str]:
         return list(self.data.ds.classes)
 
+    @property
+    def task(self):
+        """The run's :class:`~fastlesion.engine.tasks.Task` (``train.task``)."""
+        from fastlesion.engine.tasks import get_task
+
+        return get_task(self.cfg.train.task)
+
     def start_clock(self) -> None:
         self.clock = time.perf_counter()
 

@@ -31,13 +31,14 @@ from fastlesion.data.catalog import load_dataset
 from fastlesion.data.loader import build_loader
 from fastlesion.data.splits import add_extra_train, split_dataset
 from fastlesion.engine import checkpoint as ckpt
-from fastlesion.engine.loop import EpochResult, EvalResult, NonFiniteLossError, evaluate, train_epoch
+from fastlesion.engine.loop import EpochResult, EvalResult, NonFiniteLossError, train_epoch
 from fastlesion.engine.losses import create_loss
 from fastlesion.engine.optim import Plateau, create_optimizer, set_lr
 from fastlesion.engine.progress import EpochBar
 from fastlesion.engine.rundir import METRIC_COLUMNS, ReportFn, RunDir, check_resume, oversample_line
 from fastlesion.engine.runtime import Runtime, resolve_runtime, wrap_model
 from fastlesion.engine.state import EarlyStop, Session, TrainData, early_stop_mode, restore
+from fastlesion.engine.tasks import SegEvalResult, get_task
 from fastlesion.errors import FastlesionError
 
 __all__ = ["METRIC_COLUMNS", "build_session", "early_stop_mode", "fit", "oversample_line", "prepare_data",
@@ -53,7 +54,7 @@ def seed_everything(seed: int) -> None:
 def prepare_data(cfg: Config) -> TrainData:
     """Load the dataset (generating the synthetic set on first use), drop excluded files, split it (writing the
     folds file on first use). Done once per run: by the ``--ddp`` launcher, or by rank 0 for every rank."""
-    ds = load_dataset(cfg.data, progress=not cfg.run.quiet)
+    ds = load_dataset(cfg.data, task=cfg.train.task, progress=not cfg.run.quiet)
     return TrainData(ds=ds, split=add_extra_train(split_dataset(ds, cfg.data), ds, cfg.data))
 
 
@@ -62,12 +63,16 @@ def build_session(cfg: Config, info: dist.DistInfo, rt: Runtime, data: TrainData
                   resume_state: dict[str, Any] | None = None) -> Session:
     """Model, EMA, loaders, optimizer, scaler, loss and schedule state of one process. ``resume_state`` (a last.pt)
     replaces the starting weights, so they are not loaded; the network takes its shape (a pruned one's) from it."""
-    from fastlesion.models import count_params, create_model
+    from fastlesion.models import count_params, create_model, model_task
     from fastlesion.prune import apply_checkpoint_structure
 
     seed_everything(cfg.train.seed)  # before create_model: the initial weights are the seed's
-    m, resume = cfg.model, resume_state is not None
-    raw = create_model(m.name, num_classes=data.ds.num_classes, drop_rate=m.drop_rate, drop_path_rate=m.drop_path_rate,
+    m, resume, task = cfg.model, resume_state is not None, get_task(cfg.train.task)
+    if model_task(m.name) != task.name:
+        raise FastlesionError(f"model.name: {m.name!r} is a {model_task(m.name)} model, but train.task is "
+                              f"{task.name} (`fastlesion models` lists both kinds)")
+    raw = create_model(m.name, num_classes=task.outputs(data.ds.num_classes), drop_rate=m.drop_rate,
+                       drop_path_rate=m.drop_path_rate,
                        pretrained_path=None if resume else m.pretrained_path, pretrained=m.pretrained and not resume,
                        pretrained_strict=m.pretrained_strict)
     if resume:
@@ -106,28 +111,26 @@ def train_one_epoch(s: Session, epoch: int, progress: EpochBar,
                        on_loss=on_loss)
 
 
-def epoch_row(s: Session, epoch: int, lr: float, tr: EpochResult, res: EvalResult,
+def epoch_row(s: Session, epoch: int, lr: float, tr: EpochResult, res: EvalResult | SegEvalResult,
               seconds: float) -> tuple[dict[str, Any], dict[str, Any]]:
     """The ``metrics.csv`` row of an epoch and its full metrics (with the confusion matrix).
 
     Refuses a diverged model (NaN/inf validation loss) before anything could save it as best.pt or last.pt.
     """
-    from fastlesion.metrics import classification_metrics, per_class_metrics
-
-    m = classification_metrics(res.labels, res.probs, s.classes)
+    cells, m = s.task.metrics(res, s.classes)
     row = {"epoch": epoch, "train_loss": tr.loss, "val_loss": res.loss, "lr": lr,
-           **{f"val_{k}": v for k, v in m.items() if k not in ("confusion", "n")},
+           **{f"val_{k}": v for k, v in cells.items()},
            "epoch_seconds": seconds, "train_seconds": tr.seconds, "val_seconds": res.seconds,
-           "data_seconds": tr.data_seconds, "images_per_s": tr.images / max(tr.seconds, 1e-9), "steps": tr.steps,
-           **{f"val_{k}": v for k, v in per_class_metrics(res.labels, res.probs, s.classes).items()}}
+           "data_seconds": tr.data_seconds, "images_per_s": tr.images / max(tr.seconds, 1e-9), "steps": tr.steps}
     if not math.isfinite(res.loss):
         kept = f"last.pt holds the last good epoch ({s.epoch})" if s.epoch else "no checkpoint was written"
         raise NonFiniteLossError(f"validation loss is {res.loss} at epoch {epoch}: the weights diverged; stopped "
                                  f"(lower optim.lr, set optim.clip_grad, or try train.amp=bf16); {kept}")
     metric = s.cfg.train.early_stop_metric
     if metric not in row:  # e.g. val_specificity of a multiclass model
-        raise FastlesionError(f"train.early_stop_metric: {metric!r} is not computed for this {len(s.classes)}-class "
-                              f"dataset (choose from {', '.join(k for k in row if k.startswith('val_'))})")
+        choices = ", ".join(k for k in row if k.startswith("val_"))
+        raise FastlesionError(f"train.early_stop_metric: {metric!r} is not computed for this {s.task.name} run "
+                              f"({len(s.classes)} classes; choose from {choices})")
     return row, m
 
 
@@ -145,7 +148,7 @@ def fit(s: Session, run: RunDir, resumed: bool = False) -> dict[str, Any]:
         lr, t0 = s.current_lr(), time.perf_counter()
         with EpochBar(epoch, cfg.train.epochs, s.steps_per_epoch, enabled=run.shows_progress) as bar:
             tr = train_one_epoch(s, epoch, bar, run.step_hook(s))
-        res = evaluate(s.ema.module if s.ema else s.net.eval_model, s.val_loader, s.rt)  # all ranks, each image once
+        res = s.task.evaluate(s.ema.module if s.ema else s.net.eval_model, s.val_loader, s.rt, cfg)  # each image once
         row, m = epoch_row(s, epoch, lr, tr, res, time.perf_counter() - t0)
         improved = s.early.update(float(row[metric]), epoch)
         if cfg.optim.scheduler == "plateau":
