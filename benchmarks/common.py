@@ -5,6 +5,10 @@ Nothing here re-implements training: the step is :func:`fastlesion.engine.loop.t
 ``set_backends`` holds the cudnn/TF32 switches) and the model is wrapped by training's own
 :func:`fastlesion.engine.runtime.wrap_model` (``create_model -> to(device) -> channels_last -> torch.compile``), so a
 benchmark measures exactly what training runs. User errors fail as the CLI's do (:func:`run_main`).
+
+A segmentation model (``unet_resnet34``, ...: :func:`fastlesion.models.model_task`) is benchmarked as
+``fastlesion train --task segmentation`` trains it: one mask-logit channel, the Dice + BCE loss of the training code
+(``optim.loss=dice_bce``), and batches of images with float masks ``N x 1 x S x S``.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,6 +43,11 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat1
 
 REQUIRED_KEYS = ("model", "mode", "batch_size", "images_per_s", "device_name")
 """Keys every result row carries (issue #6); the comparison relies on them."""
+
+SEG_LOSS = "dice_bce"
+"""The training loss a segmentation model is benchmarked with (``optim.loss``; the segmentation default)."""
+SEG_SIZE_MULTIPLE = 32
+"""A segmentation model's input side must be a multiple of this (its encoder's output stride)."""
 
 
 # ------------------------------------------------------------------------------------------------------ errors
@@ -152,6 +162,27 @@ def disable_compile_caches() -> None:
     inductor_config.force_disable_caches = True
 
 
+def model_task(name: str) -> str:
+    """``classification`` or ``segmentation``: the task of model ``name`` (:func:`fastlesion.models.model_task`);
+    a name the registry does not know counts as classification here, so that building it fails in its own row."""
+    from fastlesion.errors import FastlesionError
+    from fastlesion.models import model_task as registry_task
+
+    try:
+        return registry_task(name)
+    except FastlesionError:
+        return "classification"
+
+
+def check_seg_sizes(models: Iterable[str], image_sizes: Iterable[int], flag: str = "--image-sizes") -> None:
+    """A segmentation model among ``models`` with a size that is not a multiple of 32: one :class:`BenchmarkError`."""
+    seg = [m for m in models if model_task(m) == "segmentation"]
+    bad = [s for s in image_sizes if s % SEG_SIZE_MULTIPLE]
+    if seg and bad:
+        raise BenchmarkError(f"{flag} {','.join(map(str, bad))}: the segmentation model {seg[0]} needs input sizes "
+                             f"that are multiples of {SEG_SIZE_MULTIPLE}")
+
+
 @dataclass
 class TrainSetup:
     """A model, optimizer, loss and scaler prepared exactly as training prepares them."""
@@ -163,23 +194,34 @@ class TrainSetup:
     scaler: torch.amp.GradScaler
     rt: Runtime
     params: int
+    task: str = "classification"
 
 
-def build_training(name: str, num_classes: int, rt: Runtime, lr: float = 0.01, seed: int = 0) -> TrainSetup:
-    """Model + SGD (momentum 0.9) + cross-entropy + GradScaler, the model wrapped by training's :func:`wrap_model`.
+def build_training(name: str, num_classes: int, rt: Runtime, lr: float = 0.01, seed: int = 0,
+                   task: str | None = None) -> TrainSetup:
+    """Model + SGD (momentum 0.9) + loss + GradScaler, the model wrapped by training's :func:`wrap_model`.
 
     ``create_model -> wrap_model(raw, rt)`` (backend switches, ``to(device) -> channels_last -> torch.compile``);
-    the optimizer comes from the training code (``optim.name=sgd``).
+    the optimizer comes from the training code (``optim.name=sgd``), and so do the model's outputs and the loss of
+    ``task`` (default: the model's, :func:`model_task`): classification ``num_classes`` logits and cross-entropy,
+    segmentation one mask-logit channel and :data:`SEG_LOSS` (Dice + BCE).
     """
+    from fastlesion.engine.losses import create_loss
+    from fastlesion.engine.tasks import get_task
     from fastlesion.models import count_params, create_model
 
+    task = task or model_task(name)
     torch.manual_seed(seed)
-    wrapped = wrap_model(create_model(name, num_classes=num_classes), rt)
+    wrapped = wrap_model(create_model(name, num_classes=get_task(task).outputs(num_classes)), rt)
     raw = wrapped.raw.train()
     optimizer = create_optimizer(raw, OptimConfig(name="sgd", lr=lr, momentum=0.9, nesterov=False,
                                                   weight_decay=0.0))
-    return TrainSetup(raw=raw, model=wrapped.model, optimizer=optimizer, loss_fn=nn.CrossEntropyLoss().to(rt.device),
-                      scaler=rt.grad_scaler(), rt=rt, params=count_params(raw))
+    if task == "segmentation":
+        loss_fn = create_loss(OptimConfig(loss=SEG_LOSS), np.zeros(0, dtype=np.int64), 1)
+    else:
+        loss_fn = nn.CrossEntropyLoss()
+    return TrainSetup(raw=raw, model=wrapped.model, optimizer=optimizer, loss_fn=loss_fn.to(rt.device),
+                      scaler=rt.grad_scaler(), rt=rt, params=count_params(raw), task=task)
 
 
 def loader_config(backend: str, batch_size: int, workers: int, seed: int = 0, fast_idct: bool = True) -> LoaderConfig:
@@ -192,12 +234,32 @@ def loader_config(backend: str, batch_size: int, workers: int, seed: int = 0, fa
                         seed=seed, fast_idct=fast_idct)
 
 
+def synthetic_masks(batch_size: int, image_size: int, g: torch.Generator) -> torch.Tensor:
+    """Float masks ``N x 1 x S x S`` in {0, 1}: one ellipse per image (centre, radii and angle drawn from ``g``),
+    lesion-like blobs covering about 5-40 % of the image."""
+    n, s = batch_size, image_size
+    centre = 0.3 + 0.4 * torch.rand(n, 2, generator=g)  # in [0.3, 0.7] of the side
+    radii = 0.12 + 0.23 * torch.rand(n, 2, generator=g)
+    angle = torch.pi * torch.rand(n, generator=g)
+    coords = (torch.arange(s, dtype=torch.float32) + 0.5) / s
+    yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+    dx, dy = xx[None] - centre[:, 0, None, None], yy[None] - centre[:, 1, None, None]
+    cos, sin = torch.cos(angle)[:, None, None], torch.sin(angle)[:, None, None]
+    u, v = (dx * cos + dy * sin) / radii[:, 0, None, None], (-dx * sin + dy * cos) / radii[:, 1, None, None]
+    return (u * u + v * v <= 1.0).float()[:, None]
+
+
 def synthetic_batch(batch_size: int, image_size: int, num_classes: int, device: torch.device,
-                    channels_last: bool, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """A fixed, normalised-looking input batch on the device (the loader's contract: float NCHW, int64 labels)."""
+                    channels_last: bool, seed: int = 0,
+                    task: str = "classification") -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed, normalised-looking input batch on the device, as the loader yields it: float NCHW images, and int64
+    labels (classification) or contiguous float masks ``N x 1 x S x S`` in {0, 1} (segmentation)."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch_size, 3, image_size, image_size, generator=g)
-    y = torch.randint(0, num_classes, (batch_size,), generator=g)
+    if task == "segmentation":
+        y = synthetic_masks(batch_size, image_size, g)
+    else:
+        y = torch.randint(0, num_classes, (batch_size,), generator=g)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     return x.to(device).contiguous(memory_format=fmt), y.to(device)
 

@@ -7,8 +7,15 @@ device (the synthetic-input rate: the loader fully hidden), then on batches from
 reached (1.0 = the loader costs nothing), the time per step blocked waiting for the next batch, GPU utilisation and
 memory (NVML, sampled in a background thread) and CPU utilisation.
 
+Segmentation (``--task segmentation``; the default for a segmentation ``--model`` such as ``unet_resnet34``): the
+loader decodes each image with its mask and applies the same random crop, flips and rotation to both, the step
+trains one mask-logit channel with the Dice + BCE loss, and the synthetic-input rate uses images with float masks.
+The data is a segmentation set (``--data`` in the ``isic2018-seg`` layout, or ``--dataset csv`` with a mask column),
+or a generated synthetic ``isic2018-seg`` set.
+
     python benchmarks/end_to_end.py --out results/e2e.jsonl        # synthetic ISIC-like JPEGs, every backend here
     python benchmarks/end_to_end.py --data /data/isic2020 --model resnet50 --batch-size 128 --workers 8
+    python benchmarks/end_to_end.py --model unet_resnet34 --out results/e2e.jsonl   # U-Net on a synthetic mask set
     python benchmarks/end_to_end.py --quick                         # seconds, for smoke tests
 """
 
@@ -33,13 +40,21 @@ from fastlesion.config import DataConfig, TrainConfig  # noqa: E402
 from fastlesion.data.loader import build_loader, dali_available  # noqa: E402
 from fastlesion.engine.loop import train_step  # noqa: E402
 from fastlesion.engine.runtime import resolve_runtime  # noqa: E402
+from fastlesion.errors import FastlesionError  # noqa: E402
+from fastlesion.models import model_task as registry_task  # noqa: E402
 
 BACKENDS = ("torch", "dali-cpu", "dali-gpu")
+TASKS = ("classification", "segmentation")
 SCALES = {"small": 128, "medium": None, "large": None}  # image width; None = the generator's mix (or large mix)
-NORMAL = {"model": "resnet50", "batch_size": 64, "image_size": 224, "workers": min(8, os.cpu_count() or 1),
+NORMAL = {"batch_size": 64, "image_size": 224, "workers": min(8, os.cpu_count() or 1),
           "steps": 30, "warmup": 5, "repeats": 3, "n": 1000, "scale": "medium"}
-QUICK = {"model": "lenet", "batch_size": 8, "image_size": 64, "workers": 1, "steps": 3, "warmup": 2, "repeats": 1,
+QUICK = {"batch_size": 8, "image_size": 64, "workers": 1, "steps": 3, "warmup": 2, "repeats": 1,
          "n": 32, "scale": "small"}
+DEFAULT_MODELS = {(False, "classification"): "resnet50", (False, "segmentation"): "unet_resnet34",
+                  (True, "classification"): "lenet", (True, "segmentation"): "unet_mobilenetv3_small_050"}
+"""(--quick, task) -> the model benchmarked when --model is not given."""
+SYNTHETIC_LAYOUTS = {"classification": "isic2020", "segmentation": "isic2018-seg"}
+"""task -> the layout of the generated set."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -52,7 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scale", choices=tuple(SCALES),
                    help="generated image sizes: small (128 px wide), medium (512-768 px, default), "
                         "large (2000-6000 px, like the ISIC originals)")
-    p.add_argument("--model", help="model name (default: resnet50)")
+    p.add_argument("--model", help="model name (default: resnet50; unet_resnet34 with --task segmentation)")
+    p.add_argument("--task", choices=TASKS, help="classification | segmentation (default: the task of --model; "
+                                                "segmentation reads images with masks)")
     p.add_argument("--backends", default=None, help=f"comma-separated of {', '.join(BACKENDS)} (default: those "
                                                     "available here)")
     p.add_argument("--batch-size", type=int, help="batch size (default: 64)")
@@ -71,19 +88,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="append the rows as JSON lines to this file")
-    p.add_argument("--quick", action="store_true", help="tiny settings for smoke tests (32 small JPEGs, lenet, "
-                                                        "64 px, batch 8, 3 steps)")
+    p.add_argument("--quick", action="store_true", help="tiny settings for smoke tests (32 small JPEGs, lenet or "
+                                                        "unet_mobilenetv3_small_050, 64 px, batch 8, 3 steps)")
     args = p.parse_args(argv)
     for key, value in (QUICK if args.quick else NORMAL).items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
+    if args.model is None:
+        args.model = DEFAULT_MODELS[(args.quick, args.task or "classification")]
+    if args.task is None:
+        args.task = common.model_task(args.model)
     if args.steps < 1 or args.repeats < 1 or args.warmup < 1 or args.batch_size < 1 or args.n < 1:
         p.error("--steps, --repeats, --warmup, --batch-size and --n must be >= 1")
     return args
 
 
 def prepare_data(args: argparse.Namespace) -> Path:
-    """``--data`` as given, or the synthetic set for ``--n``/``--scale``, generated once into the cache."""
+    """``--data`` as given, or the synthetic set of the task (isic2020, or isic2018-seg with masks) for
+    ``--n``/``--scale``, generated once into the cache."""
     if args.data:
         root = Path(args.data).expanduser()
         if not root.is_dir():
@@ -92,16 +114,26 @@ def prepare_data(args: argparse.Namespace) -> Path:
     from fastlesion.data.catalog import cache_dir
     from fastlesion.data.synthetic import generate
 
-    root = cache_dir() / "bench" / f"isic2020-n{args.n}-{args.scale}"
-    print(f"dataset: synthetic isic2020, {args.n} images ({args.scale}) in {root}", flush=True)
-    return generate("isic2020", root, n=args.n, seed=0, size=SCALES[args.scale], large=args.scale == "large",
+    layout = SYNTHETIC_LAYOUTS[getattr(args, "task", None) or "classification"]
+    root = cache_dir() / "bench" / f"{layout}-n{args.n}-{args.scale}"
+    print(f"dataset: synthetic {layout}, {args.n} images ({args.scale}) in {root}", flush=True)
+    return generate(layout, root, n=args.n, seed=0, size=SCALES[args.scale], large=args.scale == "large",
                     workers=min(4, os.cpu_count() or 1), progress=not args.quick)
 
 
-def load_table(root: Path, dataset: str | None):
+def load_table(root: Path, dataset: str | None, task: str = "classification"):
+    """The catalog's dataset of ``root`` (kind detected unless ``dataset``), read for ``task``; a set of the other
+    task (no masks for a segmentation model, masks for a classifier) is a :class:`common.BenchmarkError`."""
     from fastlesion.data.catalog import detect_kind, load_dataset
 
-    ds = load_dataset(DataConfig(dataset=dataset or detect_kind(root), root=str(root)), progress=False)
+    kind = dataset or detect_kind(root)
+    kwargs = {"task": task} if task != "classification" else {}
+    ds = load_dataset(DataConfig(dataset=kind, root=str(root)), progress=False, **kwargs)
+    found = getattr(ds, "task", "classification")
+    if found != task:
+        what = "holds masks (a segmentation set)" if found == "segmentation" else "has no masks"
+        raise common.BenchmarkError(f"--data {root}: the {kind} set {what}, but the benchmark trains a {task} "
+                                    f"model; pass --task {found} with a {found} --model, or another --data")
     return ds
 
 
@@ -134,10 +166,14 @@ def endless(loader) -> Iterator[tuple]:
 
 
 def measure_backend(backend: str, table, num_classes: int, rt, args: argparse.Namespace) -> dict[str, Any]:
-    """Synthetic-input rate, then loader-fed rate, for one backend (a fresh model, so backends start equal)."""
+    """Synthetic-input rate, then loader-fed rate, for one backend (a fresh model, so backends start equal).
+
+    A segmentation table (a ``mask`` column) makes the loader yield ``(images, masks, idx)``: the step is the same
+    ``train_step`` with the masks as targets."""
     device = rt.device
-    s = common.build_training(args.model, num_classes, rt)
-    data = common.synthetic_batch(args.batch_size, args.image_size, num_classes, device, rt.channels_last)
+    s = common.build_training(args.model, num_classes, rt, task=args.task)
+    data = common.synthetic_batch(args.batch_size, args.image_size, num_classes, device, rt.channels_last,
+                                  task=s.task)
 
     def synthetic_step() -> None:
         train_step(s.model, data, s.loss_fn, s.optimizer, s.scaler, rt)
@@ -217,7 +253,7 @@ def run_backend(backend: str, table, num_classes: int, rt, args: argparse.Namesp
     device = rt.device
     row: dict[str, Any] = {
         **common.base_row("end_to_end", device, settings),
-        "model": args.model, "mode": mode_of(rt), "compile": rt.compile, "amp": amp_of(rt),
+        "model": args.model, "task": args.task, "mode": mode_of(rt), "compile": rt.compile, "amp": amp_of(rt),
         "channels_last": rt.channels_last, "backend": backend, "loader_backend": None,
         "loader_device": backend.split("-", 1)[1] if backend.startswith("dali") else "cpu",
         "batch_size": args.batch_size, "requested_batch_size": args.batch_size, "image_size": args.image_size,
@@ -328,6 +364,15 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if args.no_compile_cache:
         common.disable_compile_caches()
     device = common.resolve_device(args.device)
+    try:
+        model_task = registry_task(args.model)
+    except FastlesionError:  # an unknown name fails in its rows, as before
+        model_task = args.task
+    if model_task != args.task:
+        raise common.BenchmarkError(f"--task {args.task}: --model {args.model} is a {model_task} model (leave --task "
+                                    "out to follow the model, or pick a model of that task: `fastlesion models`)")
+    if args.task == "segmentation":
+        common.check_seg_sizes([args.model], [args.image_size], "--image-size")
     amp = {"fp32": "off"}.get(args.amp, args.amp)
     rt = resolve_runtime(TrainConfig(device=device.type, amp=amp, compile=args.compile,
                                      channels_last=args.channels_last, compile_mode=args.compile_mode),
@@ -345,11 +390,12 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if device.type == "cpu":
         run_notes.append("no GPU: CPU rows; GPU utilisation columns empty")
     root = prepare_data(args)
-    ds = load_table(root, args.dataset)
+    ds = load_table(root, args.dataset, args.task)
     extra = {"dataset_root": str(root), "num_images": len(ds.table), "num_classes": ds.num_classes}
     settings = dict(vars(args))
     settings.update(runtime=rt.describe(), backends_resolved=backends, argv=sys.argv[1:] if argv is None else argv)
-    print(f"{len(ds.table)} images, {ds.num_classes} classes; {rt.describe()}", flush=True)
+    what = "with masks" if args.task == "segmentation" else f"{ds.num_classes} classes"
+    print(f"{len(ds.table)} images, {what}; {args.model}; {rt.describe()}", flush=True)
     rows = []
     t_start = time.perf_counter()
     for backend in backends:

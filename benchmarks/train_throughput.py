@@ -7,8 +7,13 @@ cudnn autotune, compilation) and the warm-up are excluded and the compile time r
 synchronised around each timed block and the step time is the median over repeats. On out-of-memory the batch is
 halved and retried down to 1; a model that fails (e.g. to compile) gets a ``failed`` row and the run goes on.
 
+A segmentation model (``unet_resnet18``, ``unet_resnet34``, ``fpn_resnet34``, ...; ``fastlesion models``) is
+measured as segmentation training runs it: one mask-logit channel, the Dice + BCE loss, and a batch of images with
+float masks ``N x 1 x S x S`` (sizes must be multiples of 32); its rows say ``"task": "segmentation"``.
+
     python benchmarks/train_throughput.py --out results/train.jsonl                  # the full default matrix
     python benchmarks/train_throughput.py --models resnet50 --modes eager-fp32-nchw,compile-bf16-cl --batch-sizes 128
+    python benchmarks/train_throughput.py --models resnet34,unet_resnet34 --image-sizes 256   # classifier vs U-Net
     python benchmarks/train_throughput.py --quick                                     # seconds, for smoke tests
 """
 
@@ -50,7 +55,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: None = 'default')")
     p.add_argument("--no-compile-cache", action="store_true", help="disable inductor's on-disk caches (cold "
                                                                     "compile times; a warm cache hides most)")
-    p.add_argument("--num-classes", type=int, default=2, help="classifier outputs (default: 2, ISIC benign/malignant)")
+    p.add_argument("--num-classes", type=int, default=2, help="classifier outputs (default: 2, ISIC benign/malignant; "
+                                                              "a segmentation model has one mask channel)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
     p.add_argument("--out", default=None, help="append the rows as JSON lines to this file")
     p.add_argument("--quick", action="store_true", help="tiny settings for smoke tests (lenet/resnet18, 32 px, "
@@ -83,7 +89,7 @@ def measure_case(name: str, image_size: int, batch: int, mode: str, device: torc
     rt = common.make_runtime(device, compile_, amp, cl, args.compile_mode)
     common.reset_peak_memory(device)
     s = common.build_training(name, args.num_classes, rt)
-    data = common.synthetic_batch(batch, image_size, args.num_classes, device, cl)
+    data = common.synthetic_batch(batch, image_size, args.num_classes, device, cl, task=s.task)
     last: list[torch.Tensor] = []
 
     def step() -> None:
@@ -111,7 +117,8 @@ def run_case(name: str, image_size: int, batch: int, mode: str, device: torch.de
     compile_, amp, cl = common.parse_mode(mode)
     row: dict[str, Any] = {
         **common.base_row("train_step", device, settings),
-        "model": name, "mode": mode, "compile": compile_, "amp": amp, "channels_last": cl,
+        "model": name, "task": common.model_task(name), "mode": mode, "compile": compile_, "amp": amp,
+        "channels_last": cl,
         "image_size": image_size, "requested_batch_size": batch, "batch_size": batch,
         "images_per_s": None, "step_ms": None, "first_step_s": None, "compile_seconds": None, "peak_mem_mb": None,
         "status": "ok", "error": None,
@@ -189,6 +196,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
     if not models:
         raise common.BenchmarkError(f"--models: no model given in {args.models!r}")
     image_sizes = common.int_list(args.image_sizes, "--image-sizes")
+    common.check_seg_sizes(models, image_sizes)
     batch_sizes = common.int_list(args.batch_sizes, "--batch-sizes")
     compile_models = set(common.split_list(args.compile_models)) if args.compile_models else None
     settings = {k: v for k, v in vars(args).items()}

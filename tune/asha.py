@@ -2,10 +2,13 @@
 """Hyperparameter search with Ray Tune and ASHA: ``python tune/asha.py --data ROOT --num-samples 32``.
 
 Takes the same config file, shortcut flags and dotted overrides as ``fastlesion train`` (the base config), a search
-space file (default ``tune/space.yaml``) and the ASHA/resource settings; the logic is in :mod:`fastlesion.tune`.
+space file and the ASHA/resource settings; the logic is in :mod:`fastlesion.tune`. The search follows the base
+config's task: classification ranks trials on ``val_auc`` (default space ``tune/space.yaml``), segmentation
+(``--task segmentation``, or an ``isic2018-seg`` root) on ``val_iou`` (default space ``tune/space_seg.yaml``).
 Examples::
 
     python tune/asha.py --data /data/isic2020 --dataset isic2020 --num-samples 32 --epochs 12 --gpus-per-trial 1
+    python tune/asha.py --task segmentation --data /data/isic2018 --num-samples 16 --epochs 20
     python tune/asha.py --address auto ...          # an existing Ray cluster (ray start --head on the head node)
     python tune/asha.py --resume runs/tune-20250101-120000/asha
 
@@ -24,18 +27,22 @@ from pathlib import Path
 
 from fastlesion.cli import add_config_args, build_config, run_command
 
+HERE = Path(__file__).resolve().parent
+SPACE_FILES = {"classification": HERE / "space.yaml", "segmentation": HERE / "space_seg.yaml"}
+"""``train.task`` -> the default ``--space`` (each the commented form of :data:`fastlesion.tune.DEFAULT_SPACES`)."""
+
 
 def make_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python tune/asha.py",
         description="Search learning rate, optimizer, model and regularisation with Ray Tune's ASHA scheduler on "
-                    "validation AUC. The base config is built like `fastlesion train` (config file, flags, "
-                    "--section.key VALUE overrides); --epochs is ASHA's max_t.")
+                    "validation AUC (val_iou with --task segmentation). The base config is built like `fastlesion "
+                    "train` (config file, flags, --section.key VALUE overrides); --epochs is ASHA's max_t.")
     add_config_args(p)
     p.add_argument("--fold", type=int, help="validation fold (data.fold)")
     s = p.add_argument_group("search")
-    s.add_argument("--space", metavar="FILE", default=str(Path(__file__).resolve().parent / "space.yaml"),
-                   help="search space YAML (default: tune/space.yaml)")
+    s.add_argument("--space", metavar="FILE", default=None,
+                   help="search space YAML (default: tune/space.yaml; tune/space_seg.yaml for a segmentation base)")
     s.add_argument("--num-samples", type=int, default=16, help="number of trials (default 16)")
     s.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial can be stopped (1)")
     s.add_argument("--reduction-factor", type=float, default=2.0,
@@ -75,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
             res = ft.resume_search(args.resume, address=args.address)
         else:
             cfg = build_config(args, extra)
-            space = ft.load_space(args.space)
+            space = ft.load_space(args.space or SPACE_FILES[cfg.train.task])
             settings = ft.TuneSettings(
                 num_samples=args.num_samples, max_t=cfg.train.epochs, grace_period=args.grace_period,
                 reduction_factor=args.reduction_factor, gpus_per_trial=args.gpus_per_trial,

@@ -11,13 +11,15 @@
 * :mod:`~fastlesion.tune.base`: the base config made ready once in the driver: absolute paths, the dataset and its
   folds file written before the trials would race to write it (:func:`prepare_data`);
 * :mod:`~fastlesion.tune.trial`: one trial, a ``train(cfg)`` run in its own folder that reports every epoch to Ray
-  Tune with a checkpoint, so ASHA's unit is the epoch and a restored trial continues from its last one;
+  Tune with a checkpoint, so ASHA's unit is the epoch and a restored trial continues from its last one; and the
+  metric a search follows, chosen once from the base config's task (:func:`tune_metric`: ``val_auc`` for
+  classification, ``val_iou`` for segmentation);
 * :mod:`~fastlesion.tune.console`: the compact console log, a line per trial epoch (a Ray callback: it imports Ray
   at import time, so only :mod:`~fastlesion.tune.search` imports it, lazily);
-* :mod:`~fastlesion.tune.results`: ``trials.csv``, ``val_auc.png``, the table of the top trials and ``best.yaml``
-  that ``fastlesion train --config best.yaml`` runs as is (:func:`write_results`);
-* :mod:`~fastlesion.tune.search`: the experiment, ``ray.tune.Tuner`` with ``ASHAScheduler`` on validation AUC, new
-  or restored (:func:`run_search`, :func:`resume_search`).
+* :mod:`~fastlesion.tune.results`: ``trials.csv``, ``val_auc.png`` (``val_iou.png``), the table of the top trials
+  and ``best.yaml`` that ``fastlesion train --config best.yaml`` runs as is (:func:`write_results`);
+* :mod:`~fastlesion.tune.search`: the experiment, ``ray.tune.Tuner`` with ``ASHAScheduler`` on that metric, new or
+  restored (:func:`run_search`, :func:`resume_search`).
 
 The modules import each other in that order and never back. Ray is imported lazily: ``import fastlesion.tune``
 works without it, and every entry then raises one :class:`FastlesionError` saying how to install it.
@@ -41,6 +43,7 @@ from fastlesion.tune.results import (
     make_console,
     plot_trials,
     print_top,
+    result_files,
     write_results,
 )
 from fastlesion.tune.search import (
@@ -52,11 +55,15 @@ from fastlesion.tune.search import (
 )
 from fastlesion.tune.settings import TuneSettings
 from fastlesion.tune.space import (
+    DEFAULT_SEG_SPACE,
     DEFAULT_SPACE,
+    DEFAULT_SPACES,
     RESERVED_KEYS,
     SPACE_KINDS,
+    TASK_ONLY_KEYS,
     Param,
     check_space,
+    default_space,
     load_space,
     param_space,
     parse_param,
@@ -65,13 +72,19 @@ from fastlesion.tune.space import (
 )
 from fastlesion.tune.trial import (
     CHECKPOINT_FILES,
+    METRIC_LABELS,
     MODE,
     TUNE_METRIC,
+    TUNE_METRICS,
     finite_auc,
+    finite_metric,
+    metric_label,
     release_gpu_memory,
+    score_key,
     trial_config,
     trial_dirname,
     trial_run_dir,
+    tune_metric,
 )
 
 __all__ = [
@@ -79,16 +92,18 @@ __all__ = [
     "TuneSettings", "INSTALL_HINT", "cluster_resources", "concurrency", "import_ray", "init_ray", "local_resources",
     "resolve_resources",
     # space
-    "DEFAULT_SPACE", "RESERVED_KEYS", "SPACE_KINDS", "Param", "check_space", "load_space", "param_space",
-    "parse_param", "parse_space", "space_to_dict",
+    "DEFAULT_SPACE", "DEFAULT_SEG_SPACE", "DEFAULT_SPACES", "RESERVED_KEYS", "SPACE_KINDS", "TASK_ONLY_KEYS",
+    "Param", "check_space", "default_space", "load_space", "param_space", "parse_param", "parse_space",
+    "space_to_dict",
     # base config
     "PATH_KEYS", "absolute_paths", "prepare_data",
     # trial
-    "CHECKPOINT_FILES", "MODE", "TUNE_METRIC", "finite_auc", "release_gpu_memory", "trial_config", "trial_dirname",
-    "trial_run_dir",
+    "CHECKPOINT_FILES", "METRIC_LABELS", "MODE", "TUNE_METRIC", "TUNE_METRICS", "finite_auc", "finite_metric",
+    "metric_label", "release_gpu_memory", "score_key", "trial_config", "trial_dirname", "trial_run_dir",
+    "tune_metric",
     # results
     "RESULT_FILES", "SearchResult", "best_config", "collect_trials", "make_console", "plot_trials", "print_top",
-    "write_results",
+    "result_files", "write_results",
     # search
     "SETUP_FILE", "default_experiment_dir", "find_experiment", "resume_search", "run_search",
 ]

@@ -7,6 +7,9 @@ few trials. This callback prints what a user follows instead::
     trial 3f2a1_00002 epoch 2/8  val_auc 0.7123  best 0.7123
     trial 3f2a1_00002 stopped by ASHA after epoch 2 (best val_auc 0.7123)
 
+The metric named is the one the search follows (:func:`fastlesion.tune.trial.tune_metric`): ``val_auc`` for
+classification, ``val_iou`` for segmentation.
+
 It imports Ray at import time: import it only where Ray is needed (:mod:`fastlesion.tune.search` does so lazily,
 inside the function that builds the run configuration), never from ``fastlesion/tune/__init__.py``. A class at
 module level, so that Ray can pickle it with the run configuration of a restorable experiment.
@@ -29,9 +32,12 @@ def _fmt(v: Any) -> str:
 class TrialLines(Callback):
     """Print a line per reported epoch and per finished trial (on the driver, so lines never interleave)."""
 
-    def __init__(self, max_t: int, keys: list[str]) -> None:
+    metric = "val_auc"  # a class default too: a callback pickled by an older search unpickles without the attribute
+
+    def __init__(self, max_t: int, keys: list[str], metric: str = "val_auc") -> None:
         self.max_t = max_t
         self.keys = list(keys)
+        self.metric = metric
         self.best: dict[str, float] = {}
         self.epochs: dict[str, int] = {}
 
@@ -44,20 +50,20 @@ class TrialLines(Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         epoch = int(result.get("epoch", result.get("training_iteration", 0)))
-        auc = result.get("val_auc")
-        auc = float(auc) if isinstance(auc, (int, float)) else math.nan
+        value = result.get(self.metric)
+        value = float(value) if isinstance(value, (int, float)) else math.nan
         tid = trial.trial_id
-        if not math.isnan(auc) and (tid not in self.best or auc > self.best[tid]):
-            self.best[tid] = auc
+        if not math.isnan(value) and (tid not in self.best or value > self.best[tid]):
+            self.best[tid] = value
         self.epochs[tid] = epoch
-        print(f"{self._name(trial)} epoch {epoch}/{self.max_t}  val_auc {auc:.4f}  "
+        print(f"{self._name(trial)} epoch {epoch}/{self.max_t}  {self.metric} {value:.4f}  "
               f"best {self.best.get(tid, math.nan):.4f}", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tid = trial.trial_id
         epochs = self.epochs.get(tid, 0)
         how = f"stopped by ASHA after epoch {epochs}" if 0 < epochs < self.max_t else f"finished {epochs} epochs"
-        print(f"{self._name(trial)} {how} (best val_auc {self.best.get(tid, math.nan):.4f})", flush=True)
+        print(f"{self._name(trial)} {how} (best {self.metric} {self.best.get(tid, math.nan):.4f})", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         where = getattr(trial, "local_path", None) or getattr(trial, "path", None) or ""

@@ -1,4 +1,5 @@
-"""The experiment: a ``ray.tune.Tuner`` with ``ASHAScheduler`` on validation AUC, started new or restored.
+"""The experiment: a ``ray.tune.Tuner`` with ``ASHAScheduler`` on the validation metric of the base config's task
+(:func:`~fastlesion.tune.trial.tune_metric`: AUC for classification, IoU for segmentation), started new or restored.
 
 :func:`run_search` checks everything it can before Ray starts (settings, space, resources, data), writes
 ``fastlesion_tune.json`` (what :func:`resume_search` needs to rebuild the same trainable later), runs the trials
@@ -21,7 +22,7 @@ from fastlesion.tune.resources import concurrency, import_ray, local_resources, 
 from fastlesion.tune.results import SearchResult, interrupted_search, make_console, write_results
 from fastlesion.tune.settings import TuneSettings
 from fastlesion.tune.space import Param, check_space, param_space, space_to_dict
-from fastlesion.tune.trial import MODE, TUNE_METRIC, _trainable, trial_dirname
+from fastlesion.tune.trial import MODE, _trainable, score_key, trial_dirname, tune_metric
 
 SETUP_FILE = "fastlesion_tune.json"  # what --resume needs to rebuild the trainable
 
@@ -62,7 +63,8 @@ def _tuner_parts(setup: dict[str, Any]) -> tuple[Any, Any]:
     exp = Path(setup["experiment_dir"])
     run_config = tune.RunConfig(
         name=exp.name, storage_path=str(exp.parent), verbose=s.ray_verbose,
-        callbacks=[TrialLines(s.max_t, list(setup["space"])), CSVLoggerCallback(), JsonLoggerCallback()],
+        callbacks=[TrialLines(s.max_t, list(setup["space"]), tune_metric(setup["base"])), CSVLoggerCallback(),
+                   JsonLoggerCallback()],
         failure_config=tune.FailureConfig(max_failures=s.max_failures),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1))
     return trainable, run_config
@@ -80,7 +82,7 @@ def _new_tuner(setup: dict[str, Any], space: dict[str, Param], settings: TuneSet
     # reuse_actors=False: a stopped trial's process ends, and with it whatever GPU memory it held
     return tune.Tuner(
         trainable, param_space=param_space(space), run_config=run_config,
-        tune_config=tune.TuneConfig(metric=TUNE_METRIC, mode=MODE, scheduler=scheduler,
+        tune_config=tune.TuneConfig(metric=score_key(tune_metric(setup["base"])), mode=MODE, scheduler=scheduler,
                                     num_samples=settings.num_samples, reuse_actors=False,
                                     search_alg=BasicVariantGenerator(random_state=settings.seed),
                                     trial_dirname_creator=trial_dirname))
@@ -117,7 +119,8 @@ def _write_setup(exp: Path, cfg: Config, space: dict[str, Param], settings: Tune
 def run_search(cfg: Config, space: dict[str, Param], settings: TuneSettings,
                experiment_dir: str | Path | None = None, address: str | None = None,
                console: Any = None) -> SearchResult:
-    """Search ``space`` around ``cfg`` with ASHA; write trials.csv, val_auc.png and best.yaml.
+    """Search ``space`` around ``cfg`` with ASHA on ``tune_metric(cfg)``; write trials.csv, val_auc.png (val_iou.png
+    for segmentation) and best.yaml.
 
     Args:
         cfg: the base config (what ``fastlesion train`` would run); ``settings.max_t`` replaces its epochs.
@@ -140,9 +143,10 @@ def run_search(cfg: Config, space: dict[str, Param], settings: TuneSettings,
         settings.gpus_per_trial, settings.cpus_per_trial = g, c
         if address:
             cfg = prepare_data(cfg, local=address == "auto")
-        console.print(f"ASHA over {len(space)} keys, {settings.num_samples} trials of up to {settings.max_t} epochs "
-                      f"(rungs at {settings.rungs() or 'none'}); each trial {c:g} CPU(s) and {g:g} GPU(s): up to "
-                      f"{concurrency(total, g, c)} at once on {total['CPU']:g} CPUs / {total['GPU']:g} GPUs -> {exp}")
+        console.print(f"ASHA on {tune_metric(cfg)} over {len(space)} keys, {settings.num_samples} trials of up to "
+                      f"{settings.max_t} epochs (rungs at {settings.rungs() or 'none'}); each trial {c:g} CPU(s) and "
+                      f"{g:g} GPU(s): up to {concurrency(total, g, c)} at once on {total['CPU']:g} CPUs / "
+                      f"{total['GPU']:g} GPUs -> {exp}")
         setup = _write_setup(exp, cfg, space, settings)
         return _fit(_new_tuner(setup, space, settings), setup, console)
 

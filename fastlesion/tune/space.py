@@ -8,6 +8,12 @@ It is parsed into :class:`Param` per key (:func:`load_space`, :func:`parse_space
 config before anything starts (:func:`check_space`): every value a key can take must make a valid config, so a
 typo fails in a second here instead of in every trial on the cluster. :func:`param_space` turns it into Ray Tune's
 samplers.
+
+The default space depends on the base config's ``train.task`` (:func:`default_space`): classification searches
+classifiers and their losses (:data:`DEFAULT_SPACE`, ``tune/space.yaml``), segmentation U-Nets and Dice/BCE
+(:data:`DEFAULT_SEG_SPACE`, ``tune/space_seg.yaml``). A key that only one task reads (``optim.label_smoothing``
+with a segmentation base, ``optim.dice_weight`` with a classification one) is refused: searching it would only
+spend trials on a value the run never uses.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fastlesion.config import SECTIONS, Config, ConfigError, check_key, read_yaml, replace
+from fastlesion.config import SECTIONS, Config, ConfigError, check_key, lookup, read_yaml, replace
 from fastlesion.errors import FastlesionError
 from fastlesion.tune.resources import import_ray
 
@@ -40,6 +46,29 @@ DEFAULT_SPACE: dict[str, Any] = {
     "optim.loss": {"choice": ["ce", "weighted_ce", "focal"]},
     "data.image_size": {"choice": [224, 256]},
 }
+# the default search space of a segmentation base (train.task=segmentation); tune/space_seg.yaml is this, commented
+DEFAULT_SEG_SPACE: dict[str, Any] = {
+    "optim.lr": {"loguniform": [1.0e-4, 3.0e-3]},
+    "optim.weight_decay": {"loguniform": [1.0e-6, 1.0e-1]},
+    "loader.batch_size": {"choice": [8, 16, 32]},
+    "optim.name": {"choice": ["adamw", "sgd"]},
+    "model.name": {"choice": ["unet_resnet18", "unet_resnet34", "unet_efficientnet_b0", "fpn_resnet34"]},
+    "model.drop_rate": {"uniform": [0.0, 0.3]},
+    "loader.aug_strength": {"uniform": [0.5, 1.5]},
+    "optim.loss": {"choice": ["dice_bce", "dice", "bce"]},
+    "optim.dice_weight": {"uniform": [0.2, 0.8]},
+    "data.image_size": {"choice": [224, 256]},
+}
+DEFAULT_SPACES: dict[str, dict[str, Any]] = {"classification": DEFAULT_SPACE, "segmentation": DEFAULT_SEG_SPACE}
+"""``train.task`` -> its default search space (:func:`default_space`)."""
+# keys only one task reads: searching them for the other task spends trials on a value the run ignores
+TASK_ONLY_KEYS: dict[str, str] = {
+    "optim.label_smoothing": "classification", "optim.focal_gamma": "classification",
+    "loader.oversample": "classification", "loader.oversample_power": "classification",
+    "loader.eval_crop": "classification", "data.class_map": "classification",
+    "optim.dice_weight": "segmentation", "data.mask_col": "segmentation",
+}
+SEG_SIZE_MULTIPLE = 32  # a segmentation model's input side must be a multiple of this (the encoder's stride)
 
 
 @dataclass(frozen=True)
@@ -108,10 +137,17 @@ def parse_space(d: Any, source: str = "search space") -> dict[str, Param]:
     return {p.key: p for p in (parse_param(k, v, source) for k, v in d.items())}
 
 
-def load_space(path: str | Path | None = None) -> dict[str, Param]:
-    """Read a space YAML file (None: :data:`DEFAULT_SPACE`)."""
+def default_space(task: str = "classification") -> dict[str, Any]:
+    """The default space of a base config with ``train.task`` = ``task`` (a copy)."""
+    if task not in DEFAULT_SPACES:
+        raise ConfigError(f"unknown train.task {task!r}; choose one of {tuple(DEFAULT_SPACES)}")
+    return dict(DEFAULT_SPACES[task])
+
+
+def load_space(path: str | Path | None = None, task: str = "classification") -> dict[str, Param]:
+    """Read a space YAML file (None: the default space of ``task``, :func:`default_space`)."""
     if path is None:
-        return parse_space(DEFAULT_SPACE, "default search space")
+        return parse_space(default_space(task), f"default {task} search space")
     return parse_space(read_yaml(path, "search space file"), str(Path(path)))
 
 
@@ -129,17 +165,15 @@ def _field_type(key: str) -> Any:
     return tp
 
 
-def _check_model(name: Any) -> None:
-    """An unknown model name fails now, with create_model's own message (close names suggested)."""
-    from fastlesion.models import create_model, list_models
+def _check_model(name: Any, task: str = "classification") -> None:
+    """An unknown model name fails now, with the registry's own message (close names suggested); so does a model of
+    the other task (a classifier in a segmentation search, whose config would silently train the default U-Net)."""
+    from fastlesion.models import list_models, model_task
 
-    if name in list_models():
-        return
-    import timm
-
-    if isinstance(name, str) and name and timm.is_model(name):
-        return
-    create_model(str(name), num_classes=2)  # raises ModelError("unknown model ...; did you mean ...?")
+    kind = model_task(str(name))  # raises ModelError("unknown model ...; did you mean ...?")
+    if kind != task:
+        raise ConfigError(f"{name!r} is a {kind} model but train.task is {task} (`fastlesion models` lists them; "
+                          f"e.g. {', '.join(list_models(task)[:3])})")
 
 
 def _probe_values(p: Param) -> list[Any]:
@@ -156,8 +190,16 @@ def _probe_values(p: Param) -> list[Any]:
     return [p.args[0], p.args[1]]
 
 
+def _check_size(size: Any, task: str) -> None:
+    if task == "segmentation" and isinstance(size, int) and size % SEG_SIZE_MULTIPLE:
+        raise ConfigError(f"a segmentation model needs an input side that is a multiple of {SEG_SIZE_MULTIPLE}, "
+                          f"got {size}")
+
+
 def check_space(space: dict[str, Param], base: Config) -> None:
-    """Every key is a config field the search may set, and every value it can take makes a valid config."""
+    """Every key is a config field the search may set and that the base config's task reads, and every value it
+    can take makes a valid config (models of the base's task, segmentation sizes a multiple of 32)."""
+    task = base.train.task
     for key, p in space.items():
         try:
             check_key(key)
@@ -165,21 +207,28 @@ def check_space(space: dict[str, Param], base: Config) -> None:
             raise ConfigError(f"search space: {e}") from None
         if key in RESERVED_KEYS:
             raise ConfigError(f"search space: {key} cannot be searched ({RESERVED_KEYS[key]})")
+        if TASK_ONLY_KEYS.get(key, task) != task:
+            raise ConfigError(f"search space: {key} has no effect on a {task} run (only {TASK_ONLY_KEYS[key]} reads "
+                              "it); remove it from the space")
         tp = _field_type(key)
         if tp is int and p.kind in ("uniform", "loguniform"):
             raise ConfigError(f"search space: {key} is an integer; use randint, quniform or choice, not {p.kind}")
         for v in _probe_values(p):
             try:
-                replace(base, **{key: v})
                 if key == "model.name":
-                    _check_model(v)
+                    _check_model(v, task)
+                if key == "data.image_size":
+                    _check_size(v, task)
+                # the config refuses a value of the other task (replace: optim.loss ce on a segmentation base, ...)
+                replace(base, **{key: v})
             except FastlesionError as e:
                 raise ConfigError(f"search space: {key} = {v!r}: {e}") from None
-    if "model.name" not in space:
-        try:
-            _check_model(base.model.name)
-        except FastlesionError as e:
-            raise ConfigError(f"model.name: {e}") from None
+    for key, check in (("model.name", _check_model), ("data.image_size", _check_size)):
+        if key not in space:
+            try:
+                check(lookup(base, key), task)
+            except FastlesionError as e:
+                raise ConfigError(f"{key}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------- Ray Tune

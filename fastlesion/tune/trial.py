@@ -4,10 +4,12 @@ ASHA's unit is the epoch: after each one the trial reports its metrics and a che
 (``last.pt``, ``config.yaml``, ``metrics.csv``, ...), so ASHA can stop it at a rung, and a trial retried after a
 failure or restored with an interrupted experiment continues from its last epoch instead of from scratch.
 
-The metric ASHA ranks trials on is :data:`TUNE_METRIC` (``val_auc_finite``): the epoch's ``val_auc`` where it is a
-number and 0.0 where the AUC is undefined (NaN: a diverged model or a validation fold with a single class), so that
-such trials are the first ones stopped instead of breaking the scheduler's comparisons. ``val_auc`` itself is
-reported unchanged next to it.
+The metric a search follows depends on the base config's ``train.task`` (:func:`tune_metric`, the one place that
+chooses it): ``val_auc`` for classification, ``val_iou`` for segmentation. ASHA ranks trials on its finite form
+(:func:`score_key`: ``val_auc_finite``, ``val_iou_finite``): the epoch's value where it is a number and 0.0 where it
+is undefined (NaN: a diverged model, or an AUC over a validation fold with a single class), so that such trials are
+the first ones stopped instead of breaking the scheduler's comparisons. The metric itself is reported unchanged
+next to it.
 """
 
 from __future__ import annotations
@@ -21,11 +23,44 @@ from pathlib import Path
 from typing import Any
 
 from fastlesion.config import Config, config_from_dict, replace
+from fastlesion.errors import ConfigError
 
-TUNE_METRIC = "val_auc_finite"  # val_auc, with an undefined (NaN) AUC counted as 0.0
+TUNE_METRICS: dict[str, str] = {"classification": "val_auc", "segmentation": "val_iou"}
+"""``train.task`` -> the validation metric a search follows (read through :func:`tune_metric`)."""
+METRIC_LABELS: dict[str, str] = {"val_auc": "validation AUC", "val_iou": "validation IoU"}
+"""Axis and table titles of the followed metrics."""
+TUNE_METRIC = f"{TUNE_METRICS['classification']}_finite"  # classification's ranked metric (:func:`score_key`)
 MODE = "max"
 # the files of a run folder that a checkpoint carries (enough for train(resume=...) plus the best model)
 CHECKPOINT_FILES = ("last.pt", "config.yaml", "metrics.csv", "best.pt", "predictions_val.csv")
+
+
+def tune_metric(cfg: Config | dict[str, Any] | str) -> str:
+    """The validation metric a search on ``cfg`` follows: ``val_auc`` (classification) or ``val_iou``
+    (segmentation).
+
+    ``cfg`` is the base config, its dict form (``fastlesion_tune.json``'s ``base``: an experiment written before
+    ``train.task`` existed is classification) or a task name.
+    """
+    if isinstance(cfg, Config):
+        task = cfg.train.task
+    elif isinstance(cfg, dict):
+        task = (cfg.get("train") or {}).get("task", "classification")
+    else:
+        task = cfg
+    if task not in TUNE_METRICS:
+        raise ConfigError(f"unknown train.task {task!r}; choose one of {tuple(TUNE_METRICS)}")
+    return TUNE_METRICS[task]
+
+
+def score_key(metric: str) -> str:
+    """What ASHA ranks on for ``metric``: ``val_auc`` -> ``val_auc_finite`` (:func:`finite_metric` of it)."""
+    return f"{metric}_finite"
+
+
+def metric_label(metric: str) -> str:
+    """``val_auc`` -> ``validation AUC`` (plot axis, table title)."""
+    return METRIC_LABELS.get(metric, metric)
 
 
 def trial_dirname(trial: Any) -> str:
@@ -53,13 +88,16 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], run_dir: str | Pa
     return replace(cfg, **{"loader.workers": workers}) if workers != cfg.loader.workers else cfg
 
 
-def finite_auc(value: Any) -> float:
-    """:data:`TUNE_METRIC`: the AUC where it is a number, 0.0 where it is undefined."""
+def finite_metric(value: Any) -> float:
+    """The ranked value (:func:`score_key`): the metric where it is a number, 0.0 where it is undefined."""
     try:
         v = float(value)
     except (TypeError, ValueError):
         return 0.0
     return v if math.isfinite(v) else 0.0
+
+
+finite_auc = finite_metric  # the name of classification's days, kept for scripts that import it
 
 
 def release_gpu_memory() -> None:
@@ -96,12 +134,13 @@ def _restore(checkpoint: Any, run_dir: Path) -> Path | None:
     return run_dir
 
 
-def _report_epoch(row: dict[str, Any], out: Path) -> None:
-    """Send one epoch's numbers and a checkpoint of the run folder ``out`` to Ray Tune."""
+def _report_epoch(row: dict[str, Any], out: Path, metric: str = "val_auc") -> None:
+    """Send one epoch's numbers (with ``metric``'s finite form, what ASHA ranks) and a checkpoint of the run folder
+    ``out`` to Ray Tune."""
     from ray import tune
 
     metrics = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    metrics[TUNE_METRIC] = finite_auc(row.get("val_auc"))
+    metrics[score_key(metric)] = finite_metric(row.get(metric))
     # the checkpoint is a folder next to the run folder (same file system, so _put can hard link); Ray copies it
     # into the trial's storage before report() returns, so it can go right after
     with tempfile.TemporaryDirectory(prefix=".checkpoint-", dir=out.parent) as tmp:
@@ -123,6 +162,7 @@ def _trainable(config: dict[str, Any], setup: dict[str, Any]) -> None:
     from fastlesion.engine.train import train
 
     run_dir = trial_run_dir(setup["experiment_dir"], tune.get_context().get_trial_id())
+    metric = tune_metric(setup["base"])
     resume = _restore(tune.get_checkpoint(), run_dir)
     cfg = trial_config(setup["base"], config, run_dir, setup["gpus_per_trial"], setup["cpus_per_trial"],
                        setup["max_t"])
@@ -134,11 +174,11 @@ def _trainable(config: dict[str, Any], setup: dict[str, Any]) -> None:
         if int(row["epoch"]) >= cfg.train.epochs:
             last.append((row, out))
         else:
-            _report_epoch(row, out)
+            _report_epoch(row, out, metric)
 
     try:
         train(cfg, resume=resume, report=report)
         if last:
-            _report_epoch(*last[-1])
+            _report_epoch(*last[-1], metric)
     finally:
         release_gpu_memory()
