@@ -137,3 +137,17 @@ def test_resize_file_reports_failure(tmp_path):
     bad.write_bytes(b"not an image")
     status, reason = resize_file(str(bad), str(tmp_path / "o" / "bad.jpg"), 64)
     assert status == "failed" and reason and not (tmp_path / "o" / "bad.jpg").exists()
+
+
+@pytest.mark.parametrize("layout, kind", [("isic2020-challenge", "isic2020"), ("isic2019", "isic2019")])
+def test_prepare_the_challenge_downloads(layout, kind, tmp_path):
+    from fastlesion.data.synthetic import generate
+
+    src = generate(layout, tmp_path / "src", n=12, seed=1, size=64, workers=1)
+    res = prepare(src, tmp_path / "dst", size=32, workers=1, progress=False)
+    assert res.ok and res.kind == kind and res.done == res.total and not res.missing
+    before = catalog.load_dataset(DataConfig(dataset=kind, root=str(src)), progress=False)
+    after = catalog.load_dataset(DataConfig(dataset=kind, root=str(tmp_path / "dst")), progress=False)
+    assert catalog.detect_kind(tmp_path / "dst") == kind and after.classes == before.classes
+    assert len(after) == len(before) and (after.table["label"].values == before.table["label"].values).all()
+    assert all(min(Image.open(p).size) == 32 for p in after.table["path"])

@@ -325,8 +325,11 @@ _CHALLENGE_TEST_NAMES = {"image": "image_name", "patient": "patient_id",
                          "anatom_site": "anatom_site_general_challenge"}
 
 
-def load_isic2020_test(root: Path) -> pd.DataFrame:
+def load_isic2020_test(root: Path, strict: bool = True) -> pd.DataFrame:
     """ISIC 2020 ``test.csv`` (first five columns) with a ``path`` column, for ``fastlesion predict``.
+
+    Missing test images are an error, unless ``strict`` is False: then the rows of the present ones are returned and
+    ``df.attrs["missing"]`` lists the others (``fastlesion prepare``).
 
     The challenge download's ``ISIC_2020_Test_Metadata.csv`` (columns ``image``/``image_name``, ``patient``, ...)
     with images in ``ISIC_2020_Test_Input/`` is read too, its columns renamed to the Kaggle names.
@@ -346,8 +349,9 @@ def load_isic2020_test(root: Path) -> pd.DataFrame:
     df.insert(0, "path", _image_paths(img_dir, df["image_name"], csv, "image_name", root))
     _check_links(_symlinks(df["path"]), root, csv)
     df, missing = _split_missing(df)
-    if missing:
+    if missing and strict:
         raise DatasetError(f"{csv}: {len(missing)} test images are missing (first: {Path(missing[0]).name})")
+    df.attrs["missing"] = list(missing)
     return df
 
 

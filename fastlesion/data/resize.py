@@ -13,7 +13,8 @@ resized exactly (Lanczos) and written with the EXIF orientation applied.
 Runs are resumable and atomic per file: each image is written to ``<name>.tmp`` in its folder and renamed into
 place, so an interrupted run leaves no half-written image under its final name, and a second run skips the files
 that exist and are newer than their source. ``DST/.fastlesion_prepare.json`` records the parameters; a ``DST``
-prepared with other parameters is refused. CSV files are written last: ``train.csv``/``test.csv`` (isic2020), the
+prepared with other parameters is refused. CSV files are written last: ``train.csv``/``test.csv`` (isic2020; the
+challenge download's ground-truth and test metadata CSVs), the ground-truth and metadata CSVs (isic2019), the
 metadata CSV (ham10000), and ``prepared.csv`` (``path,label,group``, paths relative to ``DST``; ``mask`` too for a
 segmentation csv set) for the csv and folder kinds.
 
@@ -206,17 +207,20 @@ def _sources(src: Path, kind: str, data: DataConfig | None,
              ) -> tuple[list[str], list[str], list[Path], pd.DataFrame | None, dict[str, str] | None]:
     """(image paths, missing paths, CSV files to copy verbatim, table for prepared.csv, ``{image: mask}`` of a
     segmentation set) of a dataset root."""
-    if kind == "isic2020":
+    if kind == "isic2020":  # Kaggle (train.csv, test.csv) or the ISIC challenge download (ground-truth CSVs)
         ds = catalog.load_isic2020(src, strict=False)
-        paths, missing, csvs = ds.table["path"].tolist(), list(ds.missing), [src / "train.csv"]
-        if (src / "test.csv").is_file():
-            test = catalog._read_csv(src / "test.csv", catalog.ISIC_TEST_COLUMNS, "ISIC 2020 test")
-            img_dir = catalog._isic_image_dir(src, "test")
-            tpaths = [str(img_dir / f"{n}.jpg") for n in test["image_name"]]
-            paths += [p for p in tpaths if os.path.isfile(p)]
-            missing += [p for p in tpaths if not os.path.isfile(p)]
-            csvs.append(src / "test.csv")
+        paths, missing = ds.table["path"].tolist(), list(ds.missing)
+        csvs = [c for c in (catalog.isic2020_train_csv(src), catalog.isic2020_test_csv(src)) if c is not None]
+        if catalog.isic2020_test_csv(src) is not None:
+            test = catalog.load_isic2020_test(src, strict=False)  # missing test images: reported, the rest done
+            paths += test["path"].tolist()
+            missing += test.attrs["missing"]
         return paths, missing, csvs, None, None
+    if kind == "isic2019":
+        ds = catalog.load_isic2019(src, strict=False)
+        csvs = [c for c in (catalog._isic_csv(src, (catalog.ISIC2019_TRUTH_CSV,)),
+                            catalog._isic_csv(src, (catalog.ISIC2019_META_CSV,))) if c is not None]
+        return ds.table["path"].tolist(), list(ds.missing), csvs, None, None
     if kind == "ham10000":
         ds = catalog.load_ham10000(src, strict=False)
         csv = next(p for p in src.glob("*.csv") if p.name.lower() == "ham10000_metadata.csv")
@@ -361,8 +365,8 @@ def prepare(src: str | Path, out: str | Path, size: int = 512, mode: str = "shor
         raise DatasetError(f"{out}: the destination must be outside the source folder {src}")
     kind = dataset or catalog.detect_kind(src)
     if kind not in DATASET_KINDS or kind == "synthetic":
-        raise DatasetError(f"prepare: unknown dataset kind {kind!r} (use isic2020, ham10000, isic2018-seg, csv or "
-                           "folder)")
+        raise DatasetError(f"prepare: unknown dataset kind {kind!r} (use isic2020, isic2019, ham10000, isic2018-seg, "
+                           "csv or folder)")
     paths, missing, csvs, table, masks = _sources(src, kind, data, task)
     out.mkdir(parents=True, exist_ok=True)
     _check_marker(out, {"size": size, "mode": mode, "quality": quality, "kind": kind, "source": str(src.resolve())})
