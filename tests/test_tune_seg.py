@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import math
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -258,3 +259,28 @@ def test_asha_search_seg_cpu(tmp_path, capsys):
     run = Path(df.iloc[0]["run_dir"])
     metrics = pd.read_csv(run / "metrics.csv")
     assert "val_iou" in metrics.columns and len(metrics) == df.iloc[0]["epochs"]
+
+
+def test_a_trial_checkpoint_carries_its_tensorboard_folder(tmp_path, monkeypatch):
+    pytest.importorskip("ray")
+    import ray.tune
+
+    from fastlesion.tune.trial import _report_epoch, _restore
+
+    run = tmp_path / "run"
+    (run / "tb").mkdir(parents=True)
+    (run / "tb" / "events.out.tfevents.1").write_bytes(b"epoch 1")
+    (run / "metrics_per_class.csv").write_text("epoch\n1\n")
+    kept = []
+
+    def report(metrics, checkpoint=None):
+        with checkpoint.as_directory() as d:  # Ray copies it before report returns: so do we
+            kept.append(ray.tune.Checkpoint.from_directory(str(shutil.copytree(d, tmp_path / "ckpt"))))
+
+    monkeypatch.setattr(ray.tune, "report", report)
+    _report_epoch({"epoch": 1, "val_auc": 0.6}, run)
+    (run / "tb" / "events.out.tfevents.1").write_bytes(b"epoch 1 and more")  # appended after the checkpoint
+    retried = tmp_path / "elsewhere"
+    assert _restore(kept[0], retried) == retried
+    assert (retried / "tb" / "events.out.tfevents.1").read_bytes() == b"epoch 1"
+    assert (retried / "metrics_per_class.csv").is_file()

@@ -32,7 +32,11 @@ METRIC_LABELS: dict[str, str] = {"val_auc": "validation AUC", "val_iou": "valida
 TUNE_METRIC = f"{TUNE_METRICS['classification']}_finite"  # classification's ranked metric (:func:`score_key`)
 MODE = "max"
 # the files of a run folder that a checkpoint carries (enough for train(resume=...) plus the best model)
-CHECKPOINT_FILES = ("last.pt", "config.yaml", "metrics.csv", "best.pt", "predictions_val.csv")
+CHECKPOINT_FILES = ("last.pt", "config.yaml", "metrics.csv", "metrics_per_class.csv", "best.pt",
+                    "predictions_val.csv")
+CHECKPOINT_DIRS = ("tb",)
+"""Folders copied into each epoch's checkpoint too (TensorBoard appends to its event files, so they are copied, not
+linked): a trial retried on another node keeps its curves."""
 
 
 def tune_metric(cfg: Config | dict[str, Any] | str) -> str:
@@ -84,7 +88,7 @@ def trial_config(base: dict[str, Any], params: dict[str, Any], run_dir: str | Pa
     if gpus_per_trial <= 0:
         forced.update({"train.device": "cpu", "loader.device": "cpu"})
     cfg = replace(config_from_dict(base, "trial config"), {**params, **forced})
-    workers = min(cfg.loader.workers, max(int(cpus_per_trial), 0))
+    workers = min(cfg.loader.resolved_workers(), max(int(cpus_per_trial), 0))
     return replace(cfg, **{"loader.workers": workers}) if workers != cfg.loader.workers else cfg
 
 
@@ -131,6 +135,9 @@ def _restore(checkpoint: Any, run_dir: Path) -> Path | None:
         for name in CHECKPOINT_FILES:
             if (Path(d) / name).is_file():
                 shutil.copy2(Path(d) / name, run_dir / name)
+        for name in CHECKPOINT_DIRS:
+            if (Path(d) / name).is_dir():
+                shutil.copytree(Path(d) / name, run_dir / name, dirs_exist_ok=True)
     return run_dir
 
 
@@ -147,6 +154,9 @@ def _report_epoch(row: dict[str, Any], out: Path, metric: str = "val_auc") -> No
         for name in CHECKPOINT_FILES:
             if (out / name).is_file():
                 _put(out / name, Path(tmp) / name)
+        for name in CHECKPOINT_DIRS:
+            if (out / name).is_dir():
+                shutil.copytree(out / name, Path(tmp) / name)
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
