@@ -25,9 +25,14 @@ PLOT_FILES = ("curves.png", "roc.png", "pr.png", "confusion.png")
 #: Columns of :func:`compare_runs`, in order.
 COMPARISON_COLUMNS = ["run", "model", "params", "best_val_auc", "best_val_accuracy", "best_val_f1", "best_epoch",
                       "epochs_run", "epoch_seconds", "images_per_s"]
+SEG_COMPARISON_COLUMNS = ["run", "model", "params", "best_val_dice", "best_val_iou", "best_val_jaccard65",
+                          "best_epoch", "epochs_run", "epoch_seconds", "images_per_s"]
+"""The columns when every run compared is a segmentation run (``summary.json`` ``task``), sorted by ``best_val_iou``."""
+_RANKED_BY = {"classification": ("best_val_auc", "val AUC"), "segmentation": ("best_val_iou", "val IoU")}
 
 #: Short headers of the terminal table.
 SHORT_HEADERS = {"best_val_auc": "val AUC", "best_val_accuracy": "val acc", "best_val_f1": "val F1",
+                 "best_val_dice": "val Dice", "best_val_iou": "val IoU", "best_val_jaccard65": "val J65",
                  "best_epoch": "best ep", "epochs_run": "epochs", "epoch_seconds": "s/epoch", "images_per_s": "img/s"}
 
 LOSS_COLUMNS = ("train_loss", "val_loss")
@@ -304,11 +309,15 @@ def _run_row(run: Path) -> dict[str, Any]:
         "best_val_auc": best("val_auc"),
         "best_val_accuracy": best("val_accuracy"),
         "best_val_f1": best("val_f1"),
+        "best_val_dice": best("val_dice"),
+        "best_val_iou": best("val_iou"),
+        "best_val_jaccard65": best("val_jaccard65"),
         "best_epoch": best_epoch,
         "epochs_run": epochs_run,
         "epoch_seconds": mean_of("epoch_seconds", summary.get("epoch_seconds"), "mean"),
         "images_per_s": images_per_s,
         "_dataset": summary.get("dataset"),
+        "_task": summary.get("task", "classification"),
     }
 
 
@@ -324,7 +333,9 @@ def compare_runs(run_dirs: list[str | Path]) -> pd.DataFrame:
 
     Returns:
         A frame with the columns :data:`COMPARISON_COLUMNS` (``run`` is the folder name; numbers are floats, NaN
-        where unknown), sorted by ``best_val_auc`` descending (NaN last). ``df.attrs["datasets"]`` lists the
+        where unknown), sorted by ``best_val_auc`` descending (NaN last); for segmentation runs
+        :data:`SEG_COMPARISON_COLUMNS`, sorted by ``best_val_iou`` (``df.attrs["task"]`` says which); runs of both
+        tasks together are an error. ``df.attrs["datasets"]`` lists the
         datasets named by the summaries.
 
     Raises:
@@ -334,11 +345,17 @@ def compare_runs(run_dirs: list[str | Path]) -> pd.DataFrame:
         raise FastlesionError("compare: no run folders given")
     rows = [_run_row(Path(r)) for r in run_dirs]
     datasets = sorted({str(r.pop("_dataset")) for r in rows} - {"None"})
-    df = pd.DataFrame(rows, columns=COMPARISON_COLUMNS)
-    for col in COMPARISON_COLUMNS[2:]:
+    tasks = sorted({str(r.pop("_task")) for r in rows})
+    if len(tasks) > 1:
+        raise FastlesionError("compare: these runs mix classification and segmentation; compare each task apart")
+    task = tasks[0] if tasks[0] in _RANKED_BY else "classification"
+    columns = SEG_COMPARISON_COLUMNS if task == "segmentation" else COMPARISON_COLUMNS
+    df = pd.DataFrame(rows, columns=columns)
+    for col in columns[2:]:
         df[col] = pd.to_numeric(df[col], errors="coerce").astype(float)
-    df = df.sort_values("best_val_auc", ascending=False, na_position="last", kind="stable").reset_index(drop=True)
-    df.attrs["datasets"] = datasets
+    key = _RANKED_BY[task][0]
+    df = df.sort_values(key, ascending=False, na_position="last", kind="stable").reset_index(drop=True)
+    df.attrs["datasets"], df.attrs["task"] = datasets, task
     return df
 
 
@@ -372,10 +389,12 @@ def to_markdown(df: pd.DataFrame) -> str:
 
 
 def plot_comparison(df: pd.DataFrame, out_png: str | Path) -> Path:
-    """Two horizontal bar panels, one bar per run: best validation AUC and training images/s (values annotated)."""
+    """Two horizontal bar panels, one bar per run: best validation AUC (segmentation: IoU) and training images/s
+    (values annotated)."""
     plt = _pyplot()
+    key, label = _RANKED_BY[df.attrs.get("task", "classification")]
     labels = [f"{r} ({m})" if m and m != r else str(r) for r, m in zip(df["run"], df["model"])][::-1]
-    auc = df["best_val_auc"].to_numpy(dtype=float)[::-1]
+    auc = df[key].to_numpy(dtype=float)[::-1]
     speed = df["images_per_s"].to_numpy(dtype=float)[::-1]
     y = np.arange(len(df))
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, max(2.5, 0.45 * len(df) + 1.4)), sharey=True)
@@ -389,7 +408,7 @@ def plot_comparison(df: pd.DataFrame, out_png: str | Path) -> Path:
         ax.set_xlim(0, top * 1.18 if top > 0 else 1.0)
         ax.grid(axis="x", alpha=0.3)
     a1.set_yticks(y, labels, fontsize=8)
-    a1.set(xlabel="best validation AUC", title="best val AUC")
+    a1.set(xlabel=f"best {label.replace('val', 'validation')}", title=f"best {label}")
     a2.set(xlabel="training images/s", title="throughput")
     fig.tight_layout()
     return _save(fig, out_png)
@@ -425,7 +444,8 @@ def print_comparison(df: pd.DataFrame, console: Any = None) -> None:
     from rich.table import Table
 
     console = console or Console(highlight=False)
-    table = Table(title="run comparison (sorted by best val AUC)", box=box.SIMPLE_HEAD, padding=(0, 0),
+    label = _RANKED_BY[df.attrs.get("task", "classification")][1]
+    table = Table(title=f"run comparison (sorted by best {label})", box=box.SIMPLE_HEAD, padding=(0, 0),
                   show_edge=False)
     for col in df.columns:
         text = col in ("run", "model")  # names fold onto more lines in a narrow terminal; numbers stay whole
@@ -438,4 +458,4 @@ def print_comparison(df: pd.DataFrame, console: Any = None) -> None:
     datasets = df.attrs.get("datasets", [])
     if len(datasets) > 1:
         console.print(f"[yellow]warning:[/] these runs used different datasets ({', '.join(datasets)}): "
-                      "their AUCs are not comparable")
+                      f"their {label.split()[-1]}s are not comparable")

@@ -159,3 +159,14 @@ def test_classification_values_asked_for_by_name_are_refused():
         load_config(None, ["train.task=segmentation", "train.early_stop_metric=val_auc"])
     cfg = load_config(None, ["train.task=segmentation", "train.early_stop_metric=val_dice"])
     assert cfg.train.early_stop_metric == "val_dice"
+
+
+def test_compare_ranks_segmentation_runs_by_iou(learned, tmp_path, capsys):
+    from fastlesion.report import SEG_COMPARISON_COLUMNS, compare_runs
+
+    out, summary = learned
+    df = compare_runs([out])
+    assert list(df.columns) == SEG_COMPARISON_COLUMNS and df.attrs["task"] == "segmentation"
+    assert df["best_val_iou"].iloc[0] == pytest.approx(summary["val_iou"])
+    assert main(["compare", str(out), "--out", str(tmp_path / "cmp")]) == 0
+    assert "IoU" in capsys.readouterr().out and (tmp_path / "cmp" / "comparison.png").is_file()
