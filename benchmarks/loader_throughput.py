@@ -1,8 +1,10 @@
-"""Loader throughput: images/s of the DALI training pipeline (cpu, and gpu with CUDA) against the torch DataLoader.
+"""Loader throughput: images/s of the library's loaders (DALI cpu/gpu, torch) against what users write without it.
 
-Both run the same training augmentation (random resized crop, flips, rotation, colour jitter, normalise; the
-``LoaderConfig`` defaults) on synthetic ISIC-like sets at two scales, with the same number of DALI threads and
-DataLoader workers:
+The library's rows: ``dali-cpu``, ``dali-gpu`` (with CUDA), ``torch`` (the torch DataLoader with DCT-scaled JPEG
+decoding, ``loader.dct_scaling``, the default) and ``torch-plain`` (the same loader with full decodes:
+``loader.dct_scaling=false``, the plain reference). All run the same training augmentation (random resized crop,
+flips, rotation, colour jitter, normalise; the ``LoaderConfig`` defaults) on synthetic ISIC-like sets at two scales,
+with the same number of DALI threads and DataLoader workers:
 
 * ``medium`` — 600x450 JPEGs (the size of HAM10000 and of the usual pre-resized ISIC sets);
 * ``large``  — 2048-6000 px wide JPEGs like the ISIC 2020 originals (quality 90);
@@ -13,7 +15,9 @@ threads), batch size and output size, so the library's loaders are compared with
 
 * ``pil`` — a plain DataLoader: ``Image.open(p).convert("RGB")``, then torchvision v2 ``RandomResizedCrop`` (the
   loader's ``scale``/``ratio``), flips, rotation and colour jitter (as ``LoaderConfig`` sets them), ``ToImage``,
-  ``ToDtype(float32, scale=True)``, ``Normalize``;
+  ``ToDtype(float32, scale=True)``, ``Normalize``: the builder of the library's reference,
+  :func:`fastlesion.data.transforms.train_transform`, so ``pil`` and ``torch-plain`` differ only in the loader
+  around it;
 * ``pil-draft`` — the same, but the crop is drawn first (same distribution relative to the original image) and
   the JPEG is decoded by PIL's DCT scaling (``Image.draft("RGB", ...)``) at the smallest scale (1/2, 1/4, 1/8) that
   still leaves the crop at least ``--image-size`` pixels on its shorter side;
@@ -24,8 +28,9 @@ threads), batch size and output size, so the library's loaders are compared with
 
 ``--data ROOT [--dataset KIND]`` measures on any catalog dataset (isic2020, isic2019, ham10000, csv, folder; the
 kind is detected unless given) instead of the synthetic sets. The summary ends with one line per scale: the library's
-default loader (what ``loader.backend=auto`` picks here: DALI on the GPU or CPU when installed, else torch) against
-the fastest peer; rows carry ``vs_best_peer``.
+default loader (what ``loader.backend=auto`` picks for these images here, :func:`fastlesion.data.loader.choose_backend`:
+dali-gpu with CUDA; on CPU torch with DCT-scaled decoding for large images, else dali-cpu) against the fastest peer;
+rows carry ``vs_best_peer`` and ``default_backend``.
 
 Each repeat runs one epoch (a new shuffle), drops the first ``--warmup`` batches (pipeline start, worker start,
 first decodes) and times the rest; the reported number is the median over ``--repeats``, the backends interleaved
@@ -47,6 +52,7 @@ import os
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,8 +66,9 @@ from benchmarks import common  # noqa: E402
 SCALES = {"medium": {"size": 600, "large": False}, "large": {"size": None, "large": True},
           "large512": {"size": None, "large": True, "prepare": 512}}
 DEFAULT_N = {"medium": 480, "large": 192, "large512": 192}
-LIBRARY = ("torch", "dali-cpu", "dali-gpu")
-"""The library's own loaders (:func:`fastlesion.data.loader.build_loader`)."""
+LIBRARY = ("torch", "torch-plain", "dali-cpu", "dali-gpu")
+"""The library's own loaders (:func:`fastlesion.data.loader.build_loader`); ``torch-plain`` is the torch loader
+with ``loader.dct_scaling=false`` (full decodes: the plain reference)."""
 PEERS = ("pil", "pil-draft", "torchvision-decode")
 """What users write without the library: plain PIL, PIL with DCT-scaled decoding, torchvision's decoder."""
 BACKENDS = LIBRARY + PEERS
@@ -85,8 +92,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--warmup-epochs", type=int, default=1,
                    help="untimed epochs per backend before the repeats (worker start, memory pools, page cache)")
     p.add_argument("--backends", default=",".join(BACKENDS),
-                   help="comma-separated subset of torch, dali-cpu, dali-gpu (the library's loaders; gpu only with "
-                        "CUDA) and the peers pil, pil-draft, torchvision-decode (GPU decode with CUDA)")
+                   help="comma-separated subset of torch, torch-plain, dali-cpu, dali-gpu (the library's loaders; "
+                        "gpu only with CUDA) and the peers pil, pil-draft, torchvision-decode (GPU decode with CUDA)")
     p.add_argument("--data", default=None,
                    help="measure on this dataset root instead of the synthetic --scales (any catalog kind); "
                         "--n then keeps the first N images (default all)")
@@ -186,26 +193,13 @@ def augmentation(cfg) -> str:
 
 
 def peer_transforms(cfg, image_size: int, crop: bool = True):
-    """The v2 pipeline of the peers with ``cfg``'s augmentation (the library's ``train_transform`` in v2 terms):
-    RandomResizedCrop (unless ``crop`` is False: pil-draft crops itself), flips, rotation and colour jitter where
-    their strength is above 0, ToImage, ToDtype(float32, scale=True), Normalize."""
-    from torchvision.transforms import v2
+    """The v2 pipeline of the peers with ``cfg``'s augmentation: the library's own plain builder
+    (:func:`fastlesion.data.transforms.train_transform`: RandomResizedCrop unless ``crop`` is False, as pil-draft
+    crops itself, flips, rotation and colour jitter where their strength is above 0, ToImage, ToDtype(float32,
+    scale=True), Normalize), so the ``pil`` peer and the ``torch-plain`` loader run the same transforms."""
+    from fastlesion.data.transforms import train_transform
 
-    from fastlesion.data.transforms import MEAN, STD, jitter
-
-    j = jitter(cfg)
-    ops = [v2.RandomResizedCrop(image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), antialias=True)] \
-        if crop else []
-    if cfg.hflip > 0:
-        ops.append(v2.RandomHorizontalFlip(cfg.hflip))
-    if cfg.vflip > 0:
-        ops.append(v2.RandomVerticalFlip(cfg.vflip))
-    if j["rotate"] > 0:
-        ops.append(v2.RandomRotation(j["rotate"]))
-    if any(j[k] > 0 for k in ("brightness", "contrast", "saturation", "hue")):
-        ops.append(v2.ColorJitter(j["brightness"], j["contrast"], j["saturation"], j["hue"]))
-    ops += [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
-    return v2.Compose(ops)
+    return train_transform(cfg, image_size, crop=crop)
 
 
 def draft_factor(crop_short_side: int, image_size: int) -> int:
@@ -393,14 +387,20 @@ def resolve_backends(text: str, device: torch.device) -> tuple[list[str], list[s
     return backends, notes
 
 
-def default_backend(device: torch.device) -> str:
-    """The row of the library's default loader (``loader.backend=auto``): dali-gpu / dali-cpu when DALI is
-    installed (gpu with CUDA), else torch."""
-    from fastlesion.data.loader import dali_available
+def default_backend(device: torch.device, table=None, image_size: int = 224) -> str:
+    """The row of the library's default loader, what ``loader.backend=auto`` picks for ``table`` here
+    (:func:`fastlesion.data.loader.choose_backend`): dali-gpu with CUDA and DALI; on CPU torch (DCT-scaled
+    decoding) for large images, else dali-cpu; torch without DALI."""
+    import pandas as pd
 
-    if not dali_available():
-        return "torch"
-    return "dali-gpu" if device.type == "cuda" else "dali-cpu"
+    from fastlesion.config import LoaderConfig
+    from fastlesion.data.loader import choose_backend
+
+    cfg = LoaderConfig(device="gpu" if device.type == "cuda" else "cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the missing-DALI warning: the rows' notes say it
+        backend, _ = choose_backend(cfg, table if table is not None else pd.DataFrame({"path": []}), image_size)
+    return f"dali-{cfg.device}" if backend == "dali" else "torch"
 
 
 def peer_ratios(rows: list[dict[str, Any]], default: str) -> list[str]:
@@ -444,10 +444,11 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
         scales = [args.scale_label or datasets[0][0]]
     torch.set_num_threads(max(1, args.threads))
     fast_idct = not args.no_fast_idct
-    configs = {b: dataclasses.replace(common.loader_config(b if b in LIBRARY else "torch", args.batch_size,
-                                                           args.threads, args.seed, fast_idct=fast_idct),
-                                      aug_strength=args.aug_strength) for b in backends}
-    default = default_backend(device)
+    configs = {b: dataclasses.replace(common.loader_config(b if b in LIBRARY and b != "torch-plain" else "torch",
+                                                           args.batch_size, args.threads, args.seed,
+                                                           fast_idct=fast_idct),
+                                      aug_strength=args.aug_strength, dct_scaling=b != "torch-plain")
+               for b in backends}
     aug = augmentation(configs["torch"])
     summary: list[str] = []
     settings = dict(vars(args))
@@ -463,6 +464,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
             n = args.n or DEFAULT_N[scale]
             data = dataset(scale, n, args.seed, cache, args.threads)
         dims = image_dims(data["path"].tolist())
+        default = default_backend(device, data, args.image_size)
         loaders = {b: make_loader(b, data, configs[b], args.image_size, device) for b in backends}
         runs: dict[str, list[float]] = {b: [] for b in backends}
         cpu_ms: dict[str, list[float]] = {b: [] for b in backends}
@@ -500,6 +502,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "warmup_epochs": args.warmup_epochs, "timed_images_per_repeat": timed[b],
                 "cpu_ms_per_image": round(statistics.median(cpu_ms[b]), 2), "load_avg_1m_before": load,
                 "n_images": n, "fast_idct": configs[b].fast_idct if name == "dali" else None,
+                "dct_scaling": configs[b].dct_scaling if name == "torch" else None,
                 "cpu_util_percent": _median([c["cpu_util_percent"] for c in cpu[b]]),
                 "proc_cpu_percent": _median([c["proc_cpu_percent"] for c in cpu[b]]),
                 "cpu_cores": cpu[b][0]["cpu_cores"],
@@ -519,7 +522,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 def _print_results(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    table = [[r["image_scale"], f"{r['image_dims']} x{r['n_images']}", r["backend"], r["device"], r["threads"],
+    table = [[r["image_scale"], f"{r['image_dims']} x{r['n_images']}", r["mode"], r["device"], r["threads"],
               f"{r['images_per_s']:.1f}", f"{min(r['runs_images_per_s']):.1f}-{max(r['runs_images_per_s']):.1f}",
               f"{r['ratio_vs_torch']:.2f}x", "-" if r["vs_best_peer"] is None else f"{r['vs_best_peer']:.2f}x",
               f"{r['cpu_ms_per_image']:.1f}",

@@ -48,6 +48,8 @@ CLASS_MAP_PRESETS: dict[str, dict[str, str]] = {
     "ham3": {"mel": "mel", "nv": "nv", "*": "other"},
 }
 """``data.class_map`` presets: ``ham3`` is the HAM10000 three-class study (melanoma, nevus, everything else)."""
+AUTO_WORKERS_MAX = 8
+"""``loader.workers`` None (the default) means the usable CPU cores, at most this many per process."""
 CATCH_ALL = "*"
 """The ``data.class_map`` key that maps every source label the mapping does not name."""
 
@@ -142,11 +144,13 @@ class DataConfig:
 class LoaderConfig:
     """How batches are made: backend, threads and augmentation."""
 
-    backend: str = _f("auto", "auto (dali if installed, else torch) | dali | torch")
+    backend: str = _f("auto", "auto (the fastest path for the device and the images: dali on a GPU; on CPU torch "
+                      "with DCT-scaled decoding for large JPEGs, else dali; torch without DALI) | dali | torch")
     device: str = _f("auto", "where DALI decodes: auto (gpu if CUDA) | gpu | cpu")
     batch_size: int = _f(64, "per-process training batch size")
     eval_batch_size: int | None = _f(None, "per-process evaluation batch size (None = 2 x batch_size)")
-    workers: int = _f(4, "DataLoader workers / DALI CPU threads per process")
+    workers: int | None = _f(None, "DataLoader workers / DALI CPU threads per process (None = the CPU cores this "
+                             "process may use, at most 8)")
     scale: tuple[float, float] = _f((0.35, 1.0), "RandomResizedCrop area range")
     ratio: tuple[float, float] = _f((0.75, 1.3333333), "RandomResizedCrop aspect-ratio range")
     hflip: float = _f(0.5, "probability of a horizontal flip")
@@ -163,6 +167,9 @@ class LoaderConfig:
     seed: int = _f(0, "shuffling/augmentation seed (offset by rank and epoch)")
     dtype: str = _f("float32", "DALI output dtype: float32 | float16 | bfloat16")
     prefetch: int = _f(2, "batches prefetched per worker / DALI queue depth")
+    dct_scaling: bool = _f(True, "torch loader: decode a JPEG at 1/2, 1/4 or 1/8 scale when the crop (training) or "
+                           "resize (evaluation) shrinks it that much anyway (libjpeg DCT scaling, PIL draft); the "
+                           "crop distribution is unchanged. false = full decode (the plain reference)")
     fast_idct: bool = _f(True, "DALI training decode: libjpeg-turbo's fast integer IDCT (~15 % faster on CPU, about "
                          "one grey level of error); evaluation always uses the accurate IDCT")
 
@@ -174,8 +181,7 @@ class LoaderConfig:
         if self.batch_size < 1:
             raise ConfigError(f"loader.batch_size must be >= 1, got {self.batch_size}")
         _at_least("loader.eval_batch_size", self.eval_batch_size, 1, optional=True)
-        if self.workers < 0:
-            raise ConfigError(f"loader.workers must be >= 0, got {self.workers}")
+        _at_least("loader.workers", self.workers, 0, optional=True)
         if not (0 < self.scale[0] <= self.scale[1] <= 1.0):
             raise ConfigError(f"loader.scale must satisfy 0 < min <= max <= 1, got {self.scale}")
         if not (0 < self.ratio[0] <= self.ratio[1]):
@@ -190,6 +196,16 @@ class LoaderConfig:
             raise ConfigError(f"loader.eval_crop must be in (0, 1], got {self.eval_crop}")
         _at_least("loader.seed", self.seed, 0)
         _at_least("loader.prefetch", self.prefetch, 1)
+
+    def resolved_workers(self) -> int:
+        """``workers``, with None resolved on this machine: the usable CPU cores
+        (:func:`fastlesion.data.loader.usable_cpus`), at most :data:`AUTO_WORKERS_MAX`. The loaders, inference and
+        Ray trials read the number through this, so a 2-core machine starts 2 workers, not 4."""
+        if self.workers is not None:
+            return self.workers
+        from fastlesion.data.loader import usable_cpus  # lazy: the config module stays free of torch
+
+        return min(usable_cpus(), AUTO_WORKERS_MAX)
 
 
 @dataclass
@@ -284,10 +300,11 @@ class TrainConfig:
     epochs: int = _f(10, "maximum number of epochs")
     seed: int = _f(42, "seed for model init and everything not seeded elsewhere")
     device: str = _f("auto", "auto | cuda | cpu")
-    amp: str = _f("auto", "auto (bf16 on GPUs that support it, else fp16; off on CPU) | bf16 | fp16 | off")
+    amp: str = _f("auto", "auto (bf16 on GPUs that support it, else fp16; on a CPU bf16 where it has bf16 "
+                  "instructions, avx512_bf16 or amx_bf16, else off) | bf16 | fp16 | off")
     compile: str = _f("auto", "torch.compile: auto (on with CUDA) | on | off")
     compile_mode: str | None = _f(None, "torch.compile mode: None | reduce-overhead | max-autotune | ...")
-    channels_last: str = _f("auto", "auto (on with CUDA) | on | off")
+    channels_last: str = _f("auto", "auto (on with CUDA, and on CPUs with bf16 instructions) | on | off")
     cudnn_benchmark: bool = _f(True, "torch.backends.cudnn.benchmark")
     early_stop_metric: str = _f("val_auc", "metric that picks best.pt and stops early: a val_* column of "
                                 "metrics.csv")

@@ -306,7 +306,7 @@ def explain(checkpoint: str | Path, images: list[str | Path] | None = None, out:
             path = Path(rec.path)
             img = _open_rgb(path)
             x = ((tf(img)[None].to(rt.device) - mean) / std).contiguous(memory_format=rt.memory_format)
-            with torch.no_grad():
+            with torch.no_grad(), rt.autocast():  # the precision of the pass that ranked the images
                 probs = torch.softmax(model(x).float(), dim=1)[0].cpu().numpy()
             pred = int(probs.argmax())
             target = pred if explained is None else explained

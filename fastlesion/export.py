@@ -116,12 +116,9 @@ def cpu_model(path: str | Path) -> tuple[nn.Module, dict[str, Any], Config]:
 
 def pixel_transform(cfg: Config):
     """The eval transform without its ``Normalize``: a PIL image -> float ``[3, S, S]`` RGB in ``[0, 1]``."""
-    from torchvision import transforms as T
-
     from fastlesion.data.transforms import eval_transform
 
-    ops = [t for t in eval_transform(cfg.loader, cfg.data.image_size).transforms if not isinstance(t, T.Normalize)]
-    return T.Compose(ops)
+    return eval_transform(cfg.loader, cfg.data.image_size, normalize=False)
 
 
 def metadata(state: dict[str, Any], cfg: Config, path: str | Path, fmt: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata
 import os
 import platform
@@ -56,6 +57,26 @@ def _cpu() -> dict[str, Any]:
         usable = None
     return {"cpu_model": model, "cpu_cores_logical": os.cpu_count(), "cpu_cores_physical": len(cores) or None,
             "cpu_cores_usable": usable, "cpu_simd": simd}
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+"""/proc/cpuinfo flags of x86 CPUs with bf16 instructions (Intel Cooper Lake, Sapphire Rapids and later; AMD Zen 4
+and later); without them bf16 matrix products run on fp32 instructions with conversions around them."""
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """True when this CPU has a bf16 instruction (:data:`BF16_CPU_FLAGS` in /proc/cpuinfo); False elsewhere, also
+    where there is no /proc/cpuinfo (macOS, Windows) and on ARM, where bf16 autocast has not been measured."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "flags":
+                    return any(flag in value.split() for flag in BF16_CPU_FLAGS)
+    except OSError:
+        pass
+    return False
 
 
 def _ram_gb() -> float | None:

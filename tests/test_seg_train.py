@@ -39,7 +39,7 @@ def seg_set(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def learned(seg_set, tmp_path_factory) -> tuple[Path, dict]:
-    # Measured (2-core CPU, torch 2.14): val_dice 0.862 with train.seed 42 and 0.841 with seed 1 after 8 epochs;
+    # Measured (2-core CPU, torch 2.14, fp32): val_dice 0.862 with train.seed 42 and 0.841 with seed 1 after 8 epochs;
     # predicting the lesion everywhere gives about 0.2 on this set (lesions cover ~10 % of an image). 0.7 is far
     # above that and below every measured run: a failure means the pipeline stopped learning.
     out = tmp_path_factory.mktemp("segrun") / "run"

@@ -139,7 +139,7 @@ class ShardedLoader:
         self.num_samples = -(-n // world_size) if train else len(sampling.eval_share(n, rank, world_size))
         self._check_image_size()
         self.batch_size = self._clamped_batch_size()
-        self.workers = self._clamped(cfg.workers, WORKERS_PER_CORE * usable_cpus(), "loader.workers",
+        self.workers = self._clamped(cfg.resolved_workers(), WORKERS_PER_CORE * usable_cpus(), "loader.workers",
                                      f"{WORKERS_PER_CORE} x the {usable_cpus()} CPU core(s) this process may use")
         if cfg.prefetch < 1:
             raise ConfigError(f"loader.prefetch must be >= 1, got {cfg.prefetch}")
@@ -245,6 +245,14 @@ class ShardedLoader:
 
 _warned = False
 
+DCT_AUTO_SIDE = 4.0
+"""``loader.backend=auto`` without CUDA picks the torch loader with DCT-scaled decoding when the median image's
+shorter side is at least this many times ``data.image_size`` (896 px at 224: every random crop then decodes at 1/2
+scale or less), else DALI on CPU threads (README, Benchmarks: 3264x2448 and 600x450 JPEGs measured)."""
+HEADER_SAMPLE = 64
+"""Images whose header ``auto`` reads (spread over the table) for the median size."""
+_said: set[str] = set()
+
 
 def dali_available() -> bool:
     """DALI is importable on this platform (Linux x86_64 / aarch64 only)."""
@@ -252,8 +260,9 @@ def dali_available() -> bool:
 
 
 def resolve_backend(cfg: LoaderConfig) -> str:
-    """``auto`` -> ``dali`` when installed, else ``torch``; ``auto`` or ``dali`` without DALI (or on an unsupported
-    platform) warns once per process and falls back to ``torch``."""
+    """``dali`` or ``torch`` without looking at the data: ``auto`` -> ``dali`` when installed, else ``torch``;
+    ``auto`` or ``dali`` without DALI (or on an unsupported platform) warns once per process and falls back to
+    ``torch``. :func:`choose_backend` refines ``auto`` by the device and the images."""
     global _warned
     if cfg.backend == "torch":
         return "torch"
@@ -273,13 +282,59 @@ def resolve_dali_device(cfg: LoaderConfig) -> str:
     return cfg.device
 
 
+def median_image_size(paths: list[str], sample: int = HEADER_SAMPLE) -> tuple[int, int] | None:
+    """Median ``(width, height)`` of up to ``sample`` images spread over ``paths``, read from their headers (PIL
+    decodes no pixels for this; EXIF orientation ignored); None when none can be read."""
+    from PIL import Image
+
+    if len(paths) > sample:
+        paths = [paths[i * len(paths) // sample] for i in range(sample)]
+    sizes = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                sizes.append(im.size)
+        except Exception:  # noqa: BLE001 - an unreadable file is the loader's error to report, not auto's
+            continue
+    if not sizes:
+        return None
+    return int(np.median([w for w, _ in sizes])), int(np.median([h for _, h in sizes]))
+
+
+def choose_backend(cfg: LoaderConfig, table: pd.DataFrame, image_size: int | None) -> tuple[str, str | None]:
+    """The backend to build, and for ``auto`` the one line that says which and why.
+
+    ``auto``: DALI decoding on the GPU (nvJPEG, ``mixed``) when DALI decodes there (``loader.device`` resolves to
+    gpu); on CPU the torch loader with DCT-scaled decoding when the median image (:func:`median_image_size`) has a
+    shorter side of at least :data:`DCT_AUTO_SIDE` x ``image_size`` (and ``loader.dct_scaling`` is on), else DALI on
+    CPU threads; torch wherever DALI is missing (:func:`resolve_backend` warns). ``dali`` / ``torch`` as asked.
+    """
+    if cfg.backend != "auto":
+        return resolve_backend(cfg), None
+    if resolve_dali_device(cfg) == "gpu" and dali_available():
+        return "dali", "loader: auto -> dali, decoding on the GPU (nvJPEG, CUDA)"
+    size = median_image_size(table["path"].astype(str).tolist()) if "path" in table.columns else None
+    seen = f"median image {size[0]}x{size[1]} px, CPU" if size else "image sizes unknown, CPU"
+    if cfg.dct_scaling and size and image_size and min(size) >= DCT_AUTO_SIDE * image_size:
+        return "torch", f"loader: auto -> torch with DCT-scaled decoding ({seen})"
+    backend = resolve_backend(cfg)
+    if backend == "dali":
+        return "dali", f"loader: auto -> dali on CPU threads ({seen})"
+    how = "with DCT-scaled decoding" if cfg.dct_scaling else "with full decoding"
+    return "torch", f"loader: auto -> torch {how} ({seen}; DALI not installed)"
+
+
 def build_loader(table: pd.DataFrame, cfg: LoaderConfig, image_size: int, train: bool, rank: int = 0,
                  world_size: int = 1, device: torch.device | str = "cpu", channels_last: bool = False) -> Loader:
     """The loader of the configured backend over ``table`` (a catalog table or one of its splits).
 
     A ``mask`` column in ``table`` makes it a segmentation loader yielding ``(images, masks, idx)`` (see the module
-    docstring); both backends read the column themselves, so a backend built directly behaves the same."""
-    backend = resolve_backend(cfg)
+    docstring); both backends read the column themselves, so a backend built directly behaves the same.
+    ``loader.backend=auto`` is resolved by :func:`choose_backend`, whose line rank 0 prints once per process."""
+    backend, line = choose_backend(cfg, table, image_size)
+    if line and rank == 0 and line not in _said:
+        _said.add(line)
+        print(line, flush=True)
     if backend == "dali":
         from fastlesion.data.dali import DaliLoader
 

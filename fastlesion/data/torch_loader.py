@@ -8,11 +8,23 @@ A table with a ``mask`` column yields ``(images, masks, idx)`` instead (:class:`
 as greyscale, binarised at full resolution (:func:`~fastlesion.data.transforms.binarize_mask`), resized to its
 image's size with nearest neighbour when the sizes differ, and transformed together with its image by torchvision
 v2 (``tv_tensors.Mask``: nearest neighbour, zero fill; colour jitter leaves it alone).
+
+With ``loader.dct_scaling`` (the default) JPEGs are decoded at 1/2, 1/4 or 1/8 scale when the crop (training) or
+the resize (evaluation) would shrink them that much anyway (:mod:`fastlesion.data.decode`): the crop's window is
+drawn on the original size first, from the same generator and with the same distribution, so the augmentation is
+unchanged. A segmentation mask is cut with the same window in original coordinates. ``dct_scaling=false`` is the
+plain reference: ``Image.open`` + the torchvision v2 pipeline of :mod:`fastlesion.data.transforms`.
+
+Each sample's random draws come from its own seed (given by the sampler). In a worker process the seed goes
+straight into torch's default generator (``torch.manual_seed`` would also queue a CUDA seeding with a formatted
+stack trace per call); without workers the main process's generator is saved and restored around the sample.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import contextlib
+import functools
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -20,12 +32,15 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fastlesion.config import LoaderConfig
+from fastlesion.data import decode
 from fastlesion.data.loader import ShardedLoader
 from fastlesion.data.transforms import (
     binarize_mask,
+    eval_resize_size,
     eval_transform,
     seg_eval_transform,
     seg_train_transform,
+    to_normalized,
     train_transform,
 )
 from fastlesion.errors import DatasetError
@@ -47,34 +62,53 @@ def open_rgb(path: str) -> Image.Image:
         return im.convert("RGB")
 
 
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Draw a sample's augmentation from ``seed``: torch's default generator seeded directly in a DataLoader worker
+    (its generator is the sample's), saved and restored around the block in the main process (``workers=0``)."""
+    if torch.utils.data.get_worker_info() is not None:
+        torch.default_generator.manual_seed(seed)
+        yield
+        return
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)
+        yield
+
+
+def _decode_error(path: str, e: Exception) -> DatasetError:
+    return DatasetError(f"{path}: cannot decode image ({e}); run `fastlesion check` and set data.exclude_file")
+
+
 class ImageTable(torch.utils.data.Dataset):
     """Images of a catalog table: item ``(i, seed)`` is ``(tensor CHW float, label, i)``.
 
-    Each sample's augmentation is drawn from its own seed (given by the sampler), so a run is reproducible and
-    independent of the number of workers.
+    ``load(path)`` decodes (:func:`open_rgb`, or a DCT-scaled crop of :mod:`fastlesion.data.decode`) and
+    ``transform`` does the rest; both draw from the sample's own seed (given by the sampler, :func:`seeded`), so a
+    run is reproducible and independent of the number of workers.
     """
 
-    def __init__(self, paths: list[str], labels: np.ndarray, transform) -> None:
-        self.paths, self.labels, self.transform = paths, labels, transform
+    def __init__(self, paths: list[str], labels: np.ndarray, transform, load: Callable = open_rgb) -> None:
+        self.paths, self.labels, self.transform, self.load = paths, labels, transform, load
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    @staticmethod
-    def _open(path: str) -> Image.Image:
+    def _load(self, path: str):
         try:
-            return open_rgb(path)
+            return self.load(path)
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
-            raise DatasetError(f"{path}: cannot decode image ({e}); run `fastlesion check` and set "
-                               "data.exclude_file") from None
+            raise _decode_error(path, e) from None
 
     def __getitem__(self, item: tuple[int, int]):
         i, seed = item
-        img = self._open(self.paths[i])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            x = self.transform(img)
+        with seeded(seed):
+            x = self.transform(self._load(self.paths[i]))
         return x, int(self.labels[i]), i
+
+
+def _crop(path: str, image_size: int, scale: tuple[float, float], ratio: tuple[float, float]):
+    """The DCT-scaled random resized crop of ``path`` (PIL image ``image_size`` square)."""
+    return decode.random_resized_crop(path, image_size, scale, ratio)[0]
 
 
 def open_mask(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
@@ -99,22 +133,57 @@ def open_mask(path: str, size: tuple[int, int] | None = None) -> np.ndarray:
 class ImageMaskTable(ImageTable):
     """Image and mask pairs of a segmentation table: item ``(i, seed)`` is ``(image float 3xSxS, mask float
     1xSxS in {0, 1}, i)``, one seeded draw of ``transform`` (a v2 transform of ``(PIL image, tv_tensors.Mask)``)
-    moving both."""
+    moving both.
 
-    def __init__(self, paths: list[str], mask_paths: list[str], labels: np.ndarray, transform) -> None:
+    ``pair`` (None: the full image and its mask at the image's size) is a DCT-scaled decode of
+    :func:`crop_pair` / :func:`squash_pair` that has already cut and resized both with one window."""
+
+    def __init__(self, paths: list[str], mask_paths: list[str], labels: np.ndarray, transform,
+                 pair: Callable | None = None) -> None:
         super().__init__(paths, labels, transform)
-        self.mask_paths = mask_paths
+        self.mask_paths, self.pair = mask_paths, pair
 
     def __getitem__(self, item: tuple[int, int]):
         from torchvision import tv_tensors
 
         i, seed = item
-        img = self._open(self.paths[i])
-        mask = tv_tensors.Mask(torch.from_numpy(open_mask(self.mask_paths[i], img.size)).unsqueeze(0))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            x, m = self.transform(img, mask)
+        with seeded(seed):
+            if self.pair is None:
+                img = self._load(self.paths[i])
+                mask = torch.from_numpy(open_mask(self.mask_paths[i], img.size)).unsqueeze(0)
+            else:
+                try:
+                    img, mask = self.pair(self.paths[i], self.mask_paths[i])
+                except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
+                    raise _decode_error(self.paths[i], e) from None
+            x, m = self.transform(img, tv_tensors.Mask(mask))
         return x, m.as_subclass(torch.Tensor).to(torch.float32), i
+
+
+def _mask_resized(mask: np.ndarray, size: int, window: tuple[int, int, int, int] | None = None) -> torch.Tensor:
+    """``mask`` (H x W {0, 1}), cut to ``window`` (top, left, height, width) when given, resized to ``size`` square
+    by centred nearest neighbour (as :func:`~fastlesion.data.transforms.seg_train_transform`): ``1 x S x S`` uint8."""
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as F
+
+    m = torch.from_numpy(mask).unsqueeze(0)
+    if window is not None:
+        top, left, h, w = window
+        m = m[:, top:top + h, left:left + w]
+    return F.resize(m, [size, size], interpolation=InterpolationMode.NEAREST_EXACT, antialias=False)
+
+
+def crop_pair(path: str, mask_path: str, image_size: int, scale: tuple[float, float], ratio: tuple[float, float]):
+    """Training pair, DCT-scaled: the image's random resized crop (:func:`fastlesion.data.decode.random_resized_crop`)
+    and the mask cut with the same window in original coordinates, then resized to ``image_size`` (nearest)."""
+    img, window, size = decode.random_resized_crop(path, image_size, scale, ratio)
+    return img, _mask_resized(open_mask(mask_path, size), image_size, window)
+
+
+def squash_pair(path: str, mask_path: str, image_size: int):
+    """Evaluation pair, DCT-scaled: the whole image and its mask squashed to ``image_size`` square."""
+    img, size = decode.squash(path, image_size)
+    return img, _mask_resized(open_mask(mask_path, size), image_size)
 
 
 class _ListSampler(torch.utils.data.Sampler):
@@ -132,7 +201,8 @@ class _ListSampler(torch.utils.data.Sampler):
 
 
 class TorchLoader(ShardedLoader):
-    """DataLoader-based loader over a table, sharded per rank, with per-epoch shuffling/oversampling.
+    """DataLoader-based loader over a table, sharded per rank, with per-epoch shuffling/oversampling; JPEGs decoded
+    at a reduced DCT scale where the output allows it (``loader.dct_scaling``, module docstring).
 
     A ``mask`` column makes it a segmentation loader: batches are ``(images, masks, idx)`` (module docstring)."""
 
@@ -142,12 +212,27 @@ class TorchLoader(ShardedLoader):
                  world_size: int = 1, device: torch.device | str = "cpu", channels_last: bool = False) -> None:
         super().__init__(table, cfg, train, rank=rank, world_size=world_size, device=device,
                          channels_last=channels_last, image_size=image_size)
+        paths, dct, crop = table["path"].tolist(), cfg.dct_scaling, (tuple(cfg.scale), tuple(cfg.ratio))
         if self.mask_paths is not None:
-            tf = seg_train_transform(cfg, image_size) if train else seg_eval_transform(cfg, image_size)
-            self.dataset = ImageMaskTable(table["path"].tolist(), self.mask_paths, self.labels, tf)
-        else:
+            if not dct:
+                tf = seg_train_transform(cfg, image_size) if train else seg_eval_transform(cfg, image_size)
+                pair = None
+            elif train:
+                tf, pair = seg_train_transform(cfg, image_size, crop=False), functools.partial(
+                    crop_pair, image_size=image_size, scale=crop[0], ratio=crop[1])
+            else:
+                tf, pair = to_normalized(), functools.partial(squash_pair, image_size=image_size)
+            self.dataset = ImageMaskTable(paths, self.mask_paths, self.labels, tf, pair=pair)
+        elif not dct:
             tf = train_transform(cfg, image_size) if train else eval_transform(cfg, image_size)
-            self.dataset = ImageTable(table["path"].tolist(), self.labels, tf)
+            self.dataset = ImageTable(paths, self.labels, tf)
+        elif train:
+            load = functools.partial(_crop, image_size=image_size, scale=crop[0], ratio=crop[1])
+            self.dataset = ImageTable(paths, self.labels, train_transform(cfg, image_size, crop=False), load=load)
+        else:
+            load = functools.partial(decode.resize_center_crop, resize=eval_resize_size(image_size, cfg.eval_crop),
+                                     crop=image_size)
+            self.dataset = ImageTable(paths, self.labels, to_normalized(), load=load)
         self.sampler = _ListSampler()
         self.set_epoch(0)
         self.loader = torch.utils.data.DataLoader(

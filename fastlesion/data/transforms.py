@@ -1,4 +1,4 @@
-"""torchvision transforms of the reference loader, and the constants shared with the DALI pipeline.
+"""torchvision v2 transforms of the reference loader, and the constants shared with the DALI pipeline.
 
 Both backends normalise with the same ImageNet mean/std (in the 0..255 scale for DALI, 0..1 for torchvision) and
 apply the same augmentation parameters from :class:`~fastlesion.config.LoaderConfig`.
@@ -36,20 +36,38 @@ def jitter(cfg: LoaderConfig) -> dict[str, float]:
             "hue": min(cfg.hue * s, 0.5), "rotate": min(cfg.rotate * s, 180.0)}
 
 
-def train_transform(cfg: LoaderConfig, image_size: int):
-    """RandomResizedCrop, flips, rotation, ColorJitter, ToTensor, Normalize."""
-    from torchvision import transforms as T
+def train_transform(cfg: LoaderConfig, image_size: int, crop: bool = True):
+    """The plain training pipeline, torchvision v2 on a PIL image: RandomResizedCrop (``loader.scale`` /
+    ``loader.ratio``, bilinear with antialias), flips, rotation (nearest, zero fill), ColorJitter (those whose
+    strength is above 0), ToImage, ToDtype(float32, scale=True), Normalize.
 
-    ops = [T.RandomResizedCrop(image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), antialias=True)]
-    return T.Compose(ops + _jitter_ops(cfg, T) + [T.ToTensor(), T.Normalize(MEAN, STD)])
+    What a user writes without the library; the benchmark's ``pil`` peer runs this very builder. ``crop=False``
+    leaves the crop out: the DCT-scaled path (:mod:`fastlesion.data.decode`) has cropped and resized already and
+    draws the crop's window first from the same generator, so the remaining draws line up with the plain path's.
+    """
+    from torchvision.transforms import v2
+
+    ops = [v2.RandomResizedCrop(image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), antialias=True)] \
+        if crop else []
+    return v2.Compose(ops + _jitter_ops(cfg, v2) + _to_normalized(v2))
 
 
-def eval_transform(cfg: LoaderConfig, image_size: int):
-    """Resize the shorter side to ``image_size / eval_crop``, center crop, ToTensor, Normalize."""
-    from torchvision import transforms as T
+def eval_transform(cfg: LoaderConfig, image_size: int, normalize: bool = True):
+    """torchvision v2: Resize the shorter side to ``image_size / eval_crop``, CenterCrop, ToImage, ToDtype(float32,
+    scale=True) and, unless ``normalize`` is False (a float RGB image in [0, 1]), Normalize."""
+    from torchvision.transforms import v2
 
-    return T.Compose([T.Resize(eval_resize_size(image_size, cfg.eval_crop), antialias=True),
-                      T.CenterCrop(image_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+    ops = [v2.Resize(eval_resize_size(image_size, cfg.eval_crop), antialias=True), v2.CenterCrop(image_size)]
+    tail = _to_normalized(v2)
+    return v2.Compose(ops + (tail if normalize else tail[:-1]))
+
+
+def to_normalized():
+    """ToImage, ToDtype(float32, scale=True), Normalize (v2): what follows a crop done by
+    :mod:`fastlesion.data.decode` in evaluation."""
+    from torchvision.transforms import v2
+
+    return v2.Compose(_to_normalized(v2))
 
 
 MASK_THRESHOLD = 127
@@ -66,7 +84,7 @@ def binarize_mask(mask: np.ndarray) -> np.ndarray:
 
 
 def _jitter_ops(cfg: LoaderConfig, module) -> list:
-    """Flips, rotation (nearest neighbour, zero fill) and colour jitter of ``module`` (torchvision v1 or v2)."""
+    """Flips, rotation (nearest neighbour, zero fill) and colour jitter of ``module`` (torchvision v2)."""
     j = jitter(cfg)
     ops = []
     if cfg.hflip > 0:
@@ -113,17 +131,18 @@ def _to_normalized(v2) -> list:
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
 
 
-def seg_train_transform(cfg: LoaderConfig, image_size: int):
+def seg_train_transform(cfg: LoaderConfig, image_size: int, crop: bool = True):
     """torchvision v2 over ``(PIL image, tv_tensors.Mask)``: the classification augmentation applied to both.
 
     RandomResizedCrop (``loader.scale`` / ``loader.ratio``; the image bilinear with antialias, the mask centred
     nearest neighbour, see :func:`_centred_nearest`),
     flips, rotation (both nearest neighbour, zero fill), then colour jitter, ToImage, float and Normalize, which v2
-    applies to the image only. Returns ``(image float 3xSxS, mask tv_tensors.Mask 1xSxS uint8)``."""
+    applies to the image only. Returns ``(image float 3xSxS, mask tv_tensors.Mask 1xSxS uint8)``. ``crop=False``
+    leaves the crop out (the DCT-scaled path has cut both with one window, see :func:`train_transform`)."""
     from torchvision.transforms import v2
 
-    crop = _centred_nearest("RandomResizedCrop")
-    ops = [crop(image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), antialias=True)]
+    rrc = _centred_nearest("RandomResizedCrop")
+    ops = [rrc(image_size, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), antialias=True)] if crop else []
     return v2.Compose(ops + _jitter_ops(cfg, v2) + _to_normalized(v2))
 
 

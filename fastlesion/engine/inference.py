@@ -216,7 +216,7 @@ def _predict_masks(model: nn.Module, cfg: Config, rt: Runtime, table: pd.DataFra
     from fastlesion.segment.predict import mask_filename, predict_mask_logits, resize_probs
 
     ds = _PredictImages(table["path"].astype(str).tolist(), seg_eval_transform(cfg.loader, cfg.data.image_size))
-    workers = min(cfg.loader.workers, len(ds))
+    workers = min(cfg.loader.resolved_workers(), len(ds))
     dl = torch.utils.data.DataLoader(ds, batch_size=cfg.loader.eval_batch_size or 2 * cfg.loader.batch_size,
                                      num_workers=workers, pin_memory=rt.device.type == "cuda")
     out.mkdir(parents=True, exist_ok=True)

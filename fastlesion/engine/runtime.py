@@ -60,20 +60,35 @@ class Runtime:
                 f" channels_last={'on' if self.channels_last else 'off'}")
 
 
+def cpu_fast_bf16() -> bool:
+    """``auto`` turns bf16 autocast and channels_last on for a CPU run when this is True: the CPU has bf16
+    instructions (:func:`fastlesion.hardware.cpu_has_native_bf16`), where both were measured faster with the same
+    validation metrics (README, Speed switches). Elsewhere a CPU run stays fp32, NCHW."""
+    from fastlesion.hardware import cpu_has_native_bf16
+
+    return cpu_has_native_bf16()
+
+
 def resolve_runtime(cfg: TrainConfig, local_rank: int = 0) -> Runtime:
-    """Turn ``auto`` settings into concrete ones: every speed feature on with CUDA, plain fp32 eager on CPU."""
+    """Turn ``auto`` settings into concrete ones: every speed feature on with CUDA; on a CPU bf16 autocast and
+    channels_last where it has bf16 instructions (:func:`cpu_fast_bf16`), else plain fp32; compile only with CUDA."""
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
         raise FastlesionError("train.device=cuda but no CUDA device is available (set train.device=auto or cpu)")
     use_cuda = cuda and cfg.device != "cpu"
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    fast_cpu = not use_cuda and cpu_fast_bf16()
     if cfg.amp == "auto":
-        amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if use_cuda else None
+        if use_cuda:
+            amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        else:
+            amp = torch.bfloat16 if fast_cpu else None
     else:
         amp = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
     on = {"auto": use_cuda, "on": True, "off": False}
+    channels_last = (use_cuda or fast_cpu) if cfg.channels_last == "auto" else on[cfg.channels_last]
     return Runtime(device=device, amp_dtype=amp, compile=on[cfg.compile], compile_mode=cfg.compile_mode,
-                   channels_last=on[cfg.channels_last], cudnn_benchmark=cfg.cudnn_benchmark)
+                   channels_last=channels_last, cudnn_benchmark=cfg.cudnn_benchmark)
 
 
 @dataclass

@@ -1,0 +1,156 @@
+"""Decode no more JPEG pixels than the output needs: libjpeg's DCT scaling (1/2, 1/4, 1/8) through PIL's draft mode.
+
+A random resized crop of a 3264x2448 photo to 224 px throws away 90 % or more of the decoded pixels. libjpeg can
+decode a JPEG at 1/2, 1/4 or 1/8 of its size by scaling the inverse DCT (PIL: ``Image.draft``), which skips most of
+the decoding work. The torch loader's fast path (``loader.dct_scaling``) therefore, per sample:
+
+1. reads the header only (size, EXIF orientation) and draws the crop window on the *original* upright size with
+   exactly the algorithm and random draws of torchvision v2's ``RandomResizedCrop`` (:func:`draw_crop`), so the
+   crop's area and aspect ratio relative to the image are distributed as before, and the same seed gives the same
+   window as the plain path;
+2. picks the largest reduction (8, 4, 2) that still leaves the window at least ``image_size`` pixels on its
+   shorter side (:func:`dct_factor`; 1, i.e. a full decode, when none does) and decodes at that scale;
+3. resizes the window, mapped into the decoded image's coordinates with sub-pixel precision, to the output size
+   (PIL bilinear with antialias, as v2 does for PIL images).
+
+Evaluation uses the same idea for the shorter-side resize (:func:`resize_center_crop`) and the squash of a
+segmentation image (:func:`squash`). A file PIL cannot draft (PNG, a progressive JPEG is fine) is decoded in full:
+the output is the same, only slower. Decoding at a reduced scale averages each 2x2 .. 8x8 block in the DCT domain
+before the resize, so outputs differ from a full decode + crop by a few grey levels (``tests/test_fast_decode.py``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from PIL import Image
+
+DCT_FACTORS = (8, 4, 2)
+"""JPEG DCT reductions libjpeg (and PIL's ``Image.draft``) offers below 1/1, largest first."""
+
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
+"""EXIF orientation tag -> the transposition that turns the stored pixels upright (as ``ImageOps.exif_transpose``)."""
+
+
+def dct_factor(short_side: float, needed: float) -> int:
+    """The largest reduction (8, 4 or 2) that leaves ``short_side`` original pixels at least ``needed`` pixels;
+    1 (full decode) when none does."""
+    return next((f for f in DCT_FACTORS if short_side / f >= needed), 1)
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF orientation tag of an opened image (1 when absent or unreadable)."""
+    try:
+        return int(im.getexif().get(0x0112, 1) or 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels as stored
+        return 1
+
+
+def upright_size(im: Image.Image, orient: int) -> tuple[int, int]:
+    """``(width, height)`` of the image once turned upright by its orientation tag (5-8 swap the sides)."""
+    w, h = im.size
+    return (h, w) if orient in (5, 6, 7, 8) else (w, h)
+
+
+def decode_scaled(im: Image.Image, orient: int, factor: int) -> tuple[Image.Image, float]:
+    """Decode the opened ``im`` as upright RGB at 1/``factor`` of its size where the format allows (JPEG).
+
+    Returns ``(image, scale)``: ``scale`` is decoded pixels per original pixel (``1 / factor``, or 1 when the file
+    was decoded in full). libjpeg rounds the scaled size up, so pixel ``x`` of the original is ``x * scale`` here.
+    """
+    scale = 1.0
+    if factor > 1:
+        width = im.size[0]
+        drafted = im.draft("RGB", (im.size[0] // factor, im.size[1] // factor))
+        if drafted is not None:
+            scale = drafted[1][2] / width
+    img = im.convert("RGB")
+    if orient in _TRANSPOSE:
+        img = img.transpose(_TRANSPOSE[orient])
+    return img, scale
+
+
+def draw_crop(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]) \
+        -> tuple[int, int, int, int]:
+    """``(top, left, height, width)`` of a random resized crop of a ``height`` x ``width`` image: torchvision v2's
+    ``RandomResizedCrop.make_params``, line for line, with the same draws from torch's default generator."""
+    area = height * width
+    log_ratio = torch.log(torch.tensor(ratio))
+    for _ in range(10):
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
+        aspect = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            top = int(torch.randint(0, height - h + 1, size=(1,)).item())
+            left = int(torch.randint(0, width - w + 1, size=(1,)).item())
+            return top, left, h, w
+    in_ratio = width / height  # fallback: central crop
+    if in_ratio < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif in_ratio > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def _resize_box(img: Image.Image, scale: float, box: tuple[float, float, float, float], size: tuple[int, int]) \
+        -> Image.Image:
+    """The window ``box`` (left, top, right, bottom) in *original* pixels, resized to ``size`` (W, H) from ``img``
+    decoded at ``scale``: PIL bilinear, whose filter widens with the reduction (antialias), sub-pixel exact."""
+    box = tuple(min(v * scale, lim) for v, lim in zip(box, (img.width, img.height) * 2))
+    return img.resize(size, Image.Resampling.BILINEAR, box=box)
+
+
+def random_resized_crop(path: str, image_size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                        dct_scaling: bool = True) -> tuple[Image.Image, tuple[int, int, int, int], tuple[int, int]]:
+    """Decode ``path`` for a random resized crop to ``image_size`` square (module docstring).
+
+    Returns ``(RGB image image_size x image_size, (top, left, height, width) of the window in the original upright
+    image, original upright (width, height))``. The window is drawn before decoding (:func:`draw_crop`, torch's
+    default generator), at the DCT scale of :func:`dct_factor` for its shorter side (full size without
+    ``dct_scaling``).
+    """
+    with Image.open(path) as im:
+        orient = orientation(im)
+        width, height = upright_size(im, orient)
+        top, left, h, w = draw_crop(height, width, scale, ratio)
+        factor = dct_factor(min(h, w), image_size) if dct_scaling else 1
+        img, s = decode_scaled(im, orient, factor)
+    out = _resize_box(img, s, (left, top, left + w, top + h), (image_size, image_size))
+    return out, (top, left, h, w), (width, height)
+
+
+def resize_center_crop(path: str, resize: int, crop: int, dct_scaling: bool = True) -> Image.Image:
+    """Decode ``path``, resize its shorter side to ``resize`` and cut the central ``crop`` square: the geometry of
+    v2 ``Resize(resize)`` + ``CenterCrop(crop)`` (same output size and window), decoded at the largest DCT reduction
+    that keeps the shorter side at least ``resize`` pixels."""
+    with Image.open(path) as im:
+        orient = orientation(im)
+        width, height = upright_size(im, orient)
+        factor = dct_factor(min(width, height), resize) if dct_scaling else 1
+        img, s = decode_scaled(im, orient, factor)
+    # v2 Resize(int): the shorter side -> resize, the longer int(resize * long / short); CenterCrop rounds its offset
+    if width <= height:
+        new_w, new_h = resize, int(resize * height / width)
+    else:
+        new_w, new_h = int(resize * width / height), resize
+    top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))  # crop <= resize: inside
+    fx, fy = width / new_w, height / new_h  # original pixels per resized pixel
+    box = (left * fx, top * fy, (left + crop) * fx, (top + crop) * fy)
+    return _resize_box(img, s, box, (crop, crop))
+
+
+def squash(path: str, size: int, dct_scaling: bool = True) -> tuple[Image.Image, tuple[int, int]]:
+    """Decode ``path`` and resize the whole image to ``size`` square (segmentation evaluation), at the largest DCT
+    reduction keeping both sides at least ``size``. Returns ``(image, original upright (width, height))``."""
+    with Image.open(path) as im:
+        orient = orientation(im)
+        width, height = upright_size(im, orient)
+        factor = dct_factor(min(width, height), size) if dct_scaling else 1
+        img, s = decode_scaled(im, orient, factor)
+    return _resize_box(img, s, (0, 0, width, height), (size, size)), (width, height)
