@@ -223,11 +223,11 @@ def build_pipeline(files: list[str], rows: list[int], cfg: LoaderConfig, image_s
                    device_id: int | None = None, seed: int = 0, channels_last: bool = False,
                    num_threads: int | None = None, prefetch: int | None = None, masks: list[str] | None = None):
     """The pipeline (not yet built) of one epoch: :func:`lesion_pipeline`'s graph with the run-time settings
-    ``batch_size``, ``num_threads`` (default ``cfg.workers``), ``device_id`` (None: a CPU-only pipeline), ``seed``
-    and ``prefetch_queue_depth`` (``prefetch``, default ``cfg.prefetch``). :class:`DaliLoader` passes its
-    clamped ``workers`` and ``prefetch`` (see :class:`~fastlesion.data.loader.ShardedLoader`). ``masks`` (one per
-    file, same order) makes a segmentation graph."""
-    threads = cfg.workers if num_threads is None else num_threads
+    ``batch_size``, ``num_threads`` (default ``cfg.resolved_workers()``), ``device_id`` (None: a CPU-only
+    pipeline), ``seed`` and ``prefetch_queue_depth`` (``prefetch``, default ``cfg.prefetch``). :class:`DaliLoader`
+    passes its clamped ``workers`` and ``prefetch`` (see :class:`~fastlesion.data.loader.ShardedLoader`). ``masks``
+    (one per file, same order) makes a segmentation graph."""
+    threads = cfg.resolved_workers() if num_threads is None else num_threads
     depth = cfg.prefetch if prefetch is None else prefetch
     return _pipeline_factory()(files, rows, cfg, image_size, train, shard_id=shard_id, num_shards=num_shards,
                                dali_device=dali_device, channels_last=channels_last, masks=masks,
