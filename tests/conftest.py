@@ -66,3 +66,12 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return home
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a busy 2-core machine two spinning threads make tiny steps 10-50x slower."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

@@ -44,3 +44,10 @@ def fill_hf_cache(hf_home: Path) -> dict:
     (repo / "refs" / "main").write_text(HF_REV)
     save_file(state, str(repo / "snapshots" / HF_REV / "model.safetensors"))
     return state
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The JSON lines a benchmark script appended to ``path``."""
+    import json
+
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import math
 import sys
 import time
@@ -11,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import read_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ package lives at the repo root
 
@@ -24,17 +24,8 @@ E2E_KEYS = {"model", "mode", "backend", "loader_device", "batch_size", "image_si
             "cpu_util_percent", "device_name", "fingerprint", "settings", "status"}
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a busy 2-core machine two spinning threads make tiny steps 10-50x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 # ------------------------------------------------------------------------------------------------ helpers

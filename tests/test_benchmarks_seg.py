@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from helpers import read_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ package lives at the repo root
 
@@ -16,16 +15,8 @@ from benchmarks import common, end_to_end, train_throughput  # noqa: E402
 SEG_MODEL = "unet_mobilenetv3_small_050"  # the registry's tiny U-Net (0.55M parameters)
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
-def read_rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_model_task_and_synthetic_seg_batch():

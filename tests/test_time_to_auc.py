@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import read_rows
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the benchmarks/ package lives at the repo root
 
@@ -19,16 +18,8 @@ ROW_KEYS = {"config", "loader", "model", "amp", "compile", "channels_last", "see
             "images_per_s", "val_auc_per_epoch", "speedup_vs_baseline", "status", "fingerprint", "settings"}
 
 
-@pytest.fixture
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def test_low_target_stops_at_the_epoch_that_reaches_it(tiny_isic, tmp_path, capsys, one_thread):
@@ -36,7 +27,7 @@ def test_low_target_stops_at_the_epoch_that_reaches_it(tiny_isic, tmp_path, caps
     argv = ["--data", str(tiny_isic), "--dataset", "isic2020", *TINY, "--target-auc", "0.55", "--max-epochs", "4",
             "--configs", "torch:lenet:off:off:off,torch:lenet:bf16:off:on", "--out", str(out)]
     assert time_to_auc.main(argv) == 0
-    rows = _rows(out)
+    rows = read_rows(out)
     assert [r["config"] for r in rows] == ["torch:lenet:off:off:off", "torch:lenet:bf16:off:on"]
     for r in rows:
         assert ROW_KEYS <= set(r) and r["status"] == "ok" and r["loader"] == "torch" and r["reached"]
@@ -59,7 +50,7 @@ def test_impossible_target_is_not_reached(tiny_isic, tmp_path, capsys, one_threa
     argv = ["--data", str(tiny_isic), *TINY, "--set", "optim.lr=1e-9", "--target-auc", "1.0", "--max-epochs", "2",
             "--configs", "torch:lenet:off:off", "--no-warmup", "--out", str(out)]
     assert time_to_auc.main(argv) == 0
-    (r,) = _rows(out)
+    (r,) = read_rows(out)
     assert r["status"] == "ok" and not r["reached"] and r["epochs_run"] == 2 and r["best_auc"] < 1.0
     assert r["seconds_to_target"] is None and r["epochs_to_target"] is None and r["speedup_vs_baseline"] is None
     assert len(r["elapsed_s_per_epoch"]) == 2 and 0 < r["elapsed_s_per_epoch"][0] < r["elapsed_s_per_epoch"][1]

@@ -26,6 +26,8 @@ import math
 import torch
 from PIL import Image
 
+from fastlesion.data.exif import orientation
+
 DCT_FACTORS = (8, 4, 2)
 """JPEG DCT reductions libjpeg (and PIL's ``Image.draft``) offers below 1/1, largest first."""
 
@@ -40,13 +42,6 @@ def dct_factor(short_side: float, needed: float) -> int:
     1 (full decode) when none does."""
     return next((f for f in DCT_FACTORS if short_side / f >= needed), 1)
 
-
-def orientation(im: Image.Image) -> int:
-    """The EXIF orientation tag of an opened image (1 when absent or unreadable)."""
-    try:
-        return int(im.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block: the pixels as stored
-        return 1
 
 
 def upright_size(im: Image.Image, orient: int) -> tuple[int, int]:

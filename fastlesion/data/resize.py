@@ -47,6 +47,7 @@ from PIL import Image
 
 from fastlesion.config import DATASET_KINDS, DataConfig
 from fastlesion.data import catalog
+from fastlesion.data.exif import orientation
 from fastlesion.errors import DatasetError
 
 MODES = ("shorter", "square")
@@ -119,10 +120,9 @@ def resize_file(src: str, dst: str, size: int, mode: str = "shorter", quality: i
         with Image.open(src) as im:
             w, h = im.size
             tw, th = target_size(w, h, size, mode)
-            if (tw, th) == (w, h) and _orientation(im) in (0, 1):
+            if (tw, th) == (w, h) and orientation(im) in (0, 1):
                 im.close()
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
+                _copy_atomic(Path(src), Path(dst))
                 return "copied", ""
             if im.format == "JPEG":
                 im.draft("RGB", (tw, th))  # DCT scaling: decode at 1/2, 1/4 or 1/8 size, still >= target
@@ -130,7 +130,7 @@ def resize_file(src: str, dst: str, size: int, mode: str = "shorter", quality: i
             img = im.convert("RGB") if im.mode not in ("RGB", "L") else im
             if img.size != (tw, th):
                 img = img.resize((tw, th), Image.Resampling.LANCZOS)
-            orient = _orientation(im)
+            orient = orientation(im)
             if orient in _TRANSPOSE:  # bake the EXIF orientation in (the copy is written without EXIF)
                 img = img.transpose(_TRANSPOSE[orient])
             fmt = _FORMATS.get(os.path.splitext(dst)[1].lower(), "JPEG")
@@ -159,13 +159,12 @@ def resize_mask_file(src: str, dst: str, image: str, size: int, mode: str = "sho
         with Image.open(image) as im:
             w, h = im.size
             tw, th = target_size(w, h, size, mode)
-            if _orientation(im) in (5, 6, 7, 8):
+            if orientation(im) in (5, 6, 7, 8):
                 tw, th = th, tw
         with Image.open(src) as m:
             if m.size == (tw, th):
                 m.close()
-                shutil.copyfile(src, tmp)
-                os.replace(tmp, dst)
+                _copy_atomic(Path(src), Path(dst))
                 return "copied", ""
             out = m.resize((tw, th), Image.Resampling.NEAREST)
             fmt = _FORMATS.get(os.path.splitext(dst)[1].lower(), "PNG")
@@ -185,12 +184,6 @@ def _failed(tmp: str, e: Exception) -> tuple[str, str]:
     reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return "failed", f"{type(e).__name__}: {reason}"
 
-
-def _orientation(im: Image.Image) -> int:
-    try:
-        return int(im.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is not worth failing the image for
-        return 1
 
 
 def _resize_job(job: tuple[str, str, int, str, int, str | None]) -> tuple[str, str]:
@@ -259,6 +252,7 @@ def _relative(path: str, src: Path) -> Path:
 
 
 def _copy_atomic(src: Path, dst: Path) -> None:
+    """Copy ``src`` to ``dst`` through ``dst.tmp`` and a rename, so ``dst`` is never half written."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.copyfile(src, tmp)

@@ -33,6 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from fastlesion.config import LoaderConfig
 from fastlesion.data import decode
+from fastlesion.data.exif import orientation
 from fastlesion.data.loader import ShardedLoader
 from fastlesion.data.transforms import (
     binarize_mask,
@@ -53,11 +54,7 @@ def open_rgb(path: str) -> Image.Image:
     the way a viewer shows it.
     """
     with Image.open(path) as im:
-        try:
-            orient = int(im.getexif().get(0x0112, 1) or 1)
-        except Exception:  # noqa: BLE001 - a broken EXIF block: decode the pixels as stored
-            orient = 1
-        if orient != 1:
+        if orientation(im) != 1:  # a broken EXIF block reads as 1: the pixels as stored
             im = ImageOps.exif_transpose(im)
         return im.convert("RGB")
 

@@ -72,6 +72,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageFile
 
+from fastlesion.data.exif import orientation as exif_orientation
 from fastlesion.errors import DatasetError
 
 MASK_PROBLEMS = ("mask_missing", "mask_corrupt", "mask_size", "mask_not_binary")
@@ -318,41 +319,35 @@ def _inspect_into(path: str, info: dict[str, Any]) -> None:
     else:
         structural = _jpeg_structure(data)
 
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                img = Image.open(io.BytesIO(data))
-            except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
-                problems.append(structural or ("corrupt", f"PIL cannot open it: {_one_line(e)}"))
+    with _strict_pil():
+        try:
+            img = Image.open(io.BytesIO(data))
+        except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
+            problems.append(structural or ("corrupt", f"PIL cannot open it: {_one_line(e)}"))
+            return
+        with img:
+            info["width"], info["height"] = img.size
+            info["mode"], info["format"] = img.mode, img.format
+            orientation = exif_orientation(img)
+            if structural is not None:  # already known bad: metadata only, no decode
+                problems.append(structural)
                 return
-            with img:
-                info["width"], info["height"] = img.size
-                info["mode"], info["format"] = img.mode, img.format
-                orientation = _orientation(img)
-                if structural is not None:  # already known bad: metadata only, no decode
-                    problems.append(structural)
+            strict = strict_decode(data)  # the bytes start like a JPEG (structural is None)
+            if strict is not None and strict[0] != "decode_error":
+                problems.append(strict)  # decodes, with a libjpeg warning: wrong pixels
+                return
+            if strict is None and _strict_decoder() is not None:
+                pass  # decoded cleanly by libjpeg-turbo: no second full decode by PIL
+            else:
+                try:
+                    img.load()
+                except Exception as e:  # noqa: BLE001
+                    problem = "truncated" if "truncat" in str(e).lower() else "corrupt"
+                    problems.append((problem, f"PIL cannot decode it: {_one_line(e)}"))
                     return
-                strict = strict_decode(data)  # the bytes start like a JPEG (structural is None)
-                if strict is not None and strict[0] != "decode_error":
-                    problems.append(strict)  # decodes, with a libjpeg warning: wrong pixels
+                if strict is not None:  # PIL decodes what libjpeg-turbo (as in DALI) refuses
+                    problems.append(("corrupt", _clip(f"libjpeg-turbo cannot decode it: {strict[1]}")))
                     return
-                if strict is None and _strict_decoder() is not None:
-                    pass  # decoded cleanly by libjpeg-turbo: no second full decode by PIL
-                else:
-                    try:
-                        img.load()
-                    except Exception as e:  # noqa: BLE001
-                        problem = "truncated" if "truncat" in str(e).lower() else "corrupt"
-                        problems.append((problem, f"PIL cannot decode it: {_one_line(e)}"))
-                        return
-                    if strict is not None:  # PIL decodes what libjpeg-turbo (as in DALI) refuses
-                        problems.append(("corrupt", _clip(f"libjpeg-turbo cannot decode it: {strict[1]}")))
-                        return
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
     if info["mode"] in _CMYK_MODES:
         problems.append(("cmyk", f"mode {info['mode']} (DALI decodes it through a different colour path)"))
     elif info["mode"] in _GRAY_MODES:
@@ -363,12 +358,19 @@ def _inspect_into(path: str, info: dict[str, Any]) -> None:
                                      "not excluded"))
 
 
-def _orientation(img: Image.Image) -> int:
-    """The EXIF orientation tag (1 when absent, 0 or unreadable)."""
+
+@contextlib.contextmanager
+def _strict_pil() -> Iterator[None]:
+    """PIL refusing truncated files (``LOAD_TRUNCATED_IMAGES`` off) and its warnings silenced, for the block; the
+    global setting is put back however the block ends."""
+    saved = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
-        return int(img.getexif().get(0x0112, 1) or 1)
-    except Exception:  # noqa: BLE001 - a broken EXIF block is not a reason to report the file
-        return 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
 
 
 def check_image(path: str) -> list[tuple[str, str]]:
@@ -397,7 +399,7 @@ def _upright_size(image: str) -> tuple[int, int, bool] | None:
             warnings.simplefilter("ignore")
             with Image.open(image) as im:
                 w, h = im.size
-                swapped = _orientation(im) in _EXIF_SWAPS
+                swapped = exif_orientation(im) in _EXIF_SWAPS
     except Exception:  # noqa: BLE001 - any header failure: no size to compare with
         return None
     return (h, w, True) if swapped else (w, h, False)
@@ -432,22 +434,16 @@ def _inspect_mask_into(image: str, mask: str, info: dict[str, Any]) -> None:
     except OSError as e:
         problems.append(("mask_corrupt", f"cannot read the mask of {of}: {_one_line(e)}"))
         return
-    saved = ImageFile.LOAD_TRUNCATED_IMAGES
-    ImageFile.LOAD_TRUNCATED_IMAGES = False
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                with Image.open(mask) as m:
-                    info["width"], info["height"] = m.size
-                    info["mode"], info["format"] = m.mode, m.format
-                    m.load()
-                    values = _mask_values(m)
-            except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
-                problems.append(("mask_corrupt", f"the mask of {of} cannot be decoded: {_one_line(e)}"))
-                return
-    finally:
-        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+    with _strict_pil():
+        try:
+            with Image.open(mask) as m:
+                info["width"], info["height"] = m.size
+                info["mode"], info["format"] = m.mode, m.format
+                m.load()
+                values = _mask_values(m)
+        except Exception as e:  # noqa: BLE001 - PIL raises many types on bad data
+            problems.append(("mask_corrupt", f"the mask of {of} cannot be decoded: {_one_line(e)}"))
+            return
     upright = _upright_size(image)
     size = (info["width"], info["height"])
     if upright is not None and size != upright[:2]:

@@ -12,7 +12,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 from PIL import Image
@@ -208,12 +207,12 @@ class _PredictImages(torch.utils.data.Dataset):
 
 
 def _predict_masks(model: nn.Module, cfg: Config, rt: Runtime, table: pd.DataFrame, id_col: str, out: Path,
-                   tta: bool, progress: bool) -> pd.DataFrame:
+                   tta: bool) -> pd.DataFrame:
     """One ``<stem>_segmentation.png`` (0/255, the image's own size) per image into the folder ``out``; returns
     ``id, mask, width, height, lesion_fraction`` rows (also written to ``out/masks.csv``). Prediction is one
     pass over the images with the torch reference path (a DataLoader of ``loader.workers`` processes)."""
     from fastlesion.data.transforms import seg_eval_transform
-    from fastlesion.segment.predict import mask_filename, predict_mask_logits, resize_probs
+    from fastlesion.segment.predict import binary_mask, mask_filename, predict_mask_logits
 
     ds = _PredictImages(table["path"].astype(str).tolist(), seg_eval_transform(cfg.loader, cfg.data.image_size))
     workers = min(cfg.loader.resolved_workers(), len(ds))
@@ -226,8 +225,7 @@ def _predict_masks(model: nn.Module, cfg: Config, rt: Runtime, table: pd.DataFra
         for x, sizes, idx in dl:
             logits = predict_mask_logits(model, x.to(rt.device).contiguous(memory_format=fmt), rt, tta=tta).cpu()
             for lg, (w, h), i in zip(logits, sizes.tolist(), idx.tolist()):
-                prob = resize_probs(lg, (w, h))
-                mask = (prob.numpy() > 0.5).astype(np.uint8) * 255
+                mask = binary_mask(lg, (w, h))
                 name = mask_filename(ds.paths[i])
                 Image.fromarray(mask).save(out / name)
                 rows.append({id_col: table[id_col].iloc[i], "mask": name, "width": w, "height": h,
@@ -284,7 +282,7 @@ def predict(path: str | Path, data: str | Path, out: str | Path | None = None, t
         if len(table) == 0:
             raise DatasetError(f"{data}: none of the {len(bad)} images can be read (listed in {side})")
     if seg:
-        df = _predict_masks(model, cfg, rt, table, id_col, out, tta, progress)
+        df = _predict_masks(model, cfg, rt, table, id_col, out, tta)
         if skip_bad:
             df.attrs["skipped"], df.attrs["skipped_file"] = skipped, str(skipped_file(out))
         return df

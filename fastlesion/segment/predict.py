@@ -71,6 +71,16 @@ def resize_probs(prob_or_logits: torch.Tensor, size: tuple[int, int], from_logit
     return F.interpolate(p[None, None], size=(h, w), mode="bilinear", align_corners=False)[0, 0]
 
 
+def binary_mask(prob_or_logits: torch.Tensor, original_size: tuple[int, int], threshold: float = 0.5,
+                from_logits: bool = True) -> np.ndarray:
+    """One predicted mask as uint8 0/255 ``height x width`` at ``original_size`` = ``(width, height)``: the
+    probabilities resized bilinearly (:func:`resize_probs`), then thresholded."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
+    p = resize_probs(prob_or_logits, original_size, from_logits=from_logits)
+    return np.where(p.numpy() > threshold, 255, 0).astype(np.uint8)
+
+
 def write_mask(prob_or_logits: torch.Tensor, original_size: tuple[int, int], out_path: str | Path,
                threshold: float = 0.5, from_logits: bool = True) -> Path:
     """Write one predicted mask as a 0/255 single-channel PNG at the image's original size.
@@ -88,10 +98,7 @@ def write_mask(prob_or_logits: torch.Tensor, original_size: tuple[int, int], out
     """
     from PIL import Image
 
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"threshold must be in (0, 1), got {threshold}")
-    p = resize_probs(prob_or_logits, original_size, from_logits=from_logits)
-    mask = np.where(p.numpy() > threshold, 255, 0).astype(np.uint8)
+    mask = binary_mask(prob_or_logits, original_size, threshold=threshold, from_logits=from_logits)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(mask).save(out)  # 2-D uint8: mode L
