@@ -67,8 +67,8 @@ def test_reduced_decode_keeps_the_crop_distribution_and_enough_pixels(big, monke
     factors = []
     real = decode.decode_scaled
 
-    def spy(im, orient, factor):
-        img, s = real(im, orient, factor)
+    def spy(im, orient, factor, rows=None):
+        img, s = real(im, orient, factor, rows)
         factors.append((factor, s, img.size))
         return img, s
 
@@ -125,6 +125,78 @@ def test_reduced_crop_matches_full_decode_and_crop(big):
         diffs.append(np.abs(_u8(fast) - _u8(slow)).mean())
         assert np.abs(_u8(plain) - _u8(slow)).mean() < 0.5  # full decode: the same as v2 up to edge rounding
     assert max(diffs) < 3.0, diffs  # grey levels (0..255), mean absolute
+
+
+def _window_from_whole_decode(path: str, seed: int, size: int = 224):
+    """The DCT-scaled crop as it was before the early stop: the whole image decoded at the factor, then the window."""
+    with Image.open(path) as im:
+        torch.manual_seed(seed)
+        top, left, h, w = decode.draw_crop(im.size[1], im.size[0], SCALE, RATIO)
+        img, s = decode.decode_scaled(im, 1, decode.dct_factor(min(h, w), size))
+        return _u8(decode._resize_box(img, s, (left, top, left + w, top + h), (size, size)))
+
+
+def test_decoding_stops_below_the_window_and_the_output_is_bit_identical(big, monkeypatch):
+    stops = []
+    real = decode._load_rows
+
+    def spy(im, rows):
+        real(im, rows)
+        stops.append((rows, im.size[1], np.asarray(im)[rows:].max(initial=0), np.asarray(im)[rows - 1].max()))
+
+    monkeypatch.setattr(decode, "_load_rows", spy)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        fast, (top, _, h, _), _ = decode.random_resized_crop(big, 224, SCALE, RATIO)
+        assert np.array_equal(_u8(fast), _window_from_whole_decode(big, seed)), seed
+    stopped = [s for s in stops if s[0] < s[1]]
+    assert len(stops) == 40 and len(stopped) >= 20  # most windows end above the image's bottom edge
+    assert all(below == 0 and last > 0 for _, _, below, last in stopped)  # rows under the stop never decoded
+
+
+def test_eval_window_stops_early_and_is_bit_identical(tmp_path, monkeypatch):
+    path = _photo(tmp_path / "e.jpg", 1800, 2400, seed=3)
+    fast = _u8(decode.resize_center_crop(path, 256, 224))
+    monkeypatch.setattr(decode, "_load_rows", lambda im, rows: None)  # the whole image decoded at the scale
+    assert np.array_equal(fast, _u8(decode.resize_center_crop(path, 256, 224)))
+
+
+def test_a_file_cut_above_the_window_still_fails_and_one_cut_below_it_does_not(big, tmp_path, monkeypatch):
+    data = open(big, "rb").read()
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(data[: len(data) // 3])  # the first third of the scan: rows below ~1/3 are missing
+    window = {}
+
+    def fixed_crop(height, width, scale, ratio):
+        return window["top"], 0, window["h"], width // 2  # (top, left, h, w); the shorter side keeps factor 4
+
+    monkeypatch.setattr(decode, "draw_crop", fixed_crop)
+    window.update(top=0, h=1000)  # reaches far below the cut
+    with pytest.raises(OSError, match="truncated"):
+        decode.random_resized_crop(str(cut), 224, SCALE, RATIO)
+    monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", True)  # a user's opt-in: grey rows, as PIL gives
+    out, _, _ = decode.random_resized_crop(str(cut), 224, SCALE, RATIO)
+    assert out.size == (224, 224) and open_rgb(str(cut)).size == (2400, 1800)
+    monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", False)
+    window.update(top=0, h=300)  # ends above the cut: every row it needs is there
+    out, _, _ = decode.random_resized_crop(str(cut), 224, SCALE, RATIO)
+    assert _u8(out).mean() > 20  # real pixels, not the black of undecoded rows
+    with pytest.raises(OSError):  # the whole-image decode (plain path) fails on the same file
+        open_rgb(str(cut))
+
+
+def test_no_early_stop_for_png_grey_or_rotated_files(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(decode, "_load_rows", lambda im, rows: calls.append(im.format))
+    src = Image.open(_photo(tmp_path / "p.jpg", 1200, 900))
+    src.save(tmp_path / "p.png")
+    src.convert("L").save(tmp_path / "g.jpg", quality=90)
+    rotated = _photo(tmp_path / "r.jpg", 1200, 900, orientation=6)
+    for path in (tmp_path / "p.png", tmp_path / "g.jpg", rotated):
+        torch.manual_seed(0)
+        out, _, _ = decode.random_resized_crop(str(path), 112, SCALE, RATIO)
+        assert out.size == (112, 112) and out.mode == "RGB"
+    assert calls == []  # PNG: no DCT; grey: not RGB; orientation 6: the window's rows are columns on disk
 
 
 def test_orientation_is_applied_before_the_window(tmp_path):
@@ -212,6 +284,10 @@ def test_auto_picks_the_path_by_device_and_image_size(tmp_path, monkeypatch, cap
     backend, line = loader_mod.choose_backend(auto, _table(small_paths), 224)
     assert backend == "dali" and line == "loader: auto -> dali on CPU threads (median image 600x450 px, CPU)"
     assert loader_mod.choose_backend(LoaderConfig(dct_scaling=False), _table(big_paths), 224)[0] == "dali"
+    # the measured crossover: DALI on 1200x900 (shorter side 4.0 x 224), torch from 5 x 224 = 1120 px up
+    mid_paths = [_photo(tmp_path / f"m{i}.jpg", 1200, 900, seed=i) for i in range(3)]
+    assert loader_mod.choose_backend(auto, _table(mid_paths), 224)[0] == "dali"
+    assert loader_mod.choose_backend(auto, _table(mid_paths), 180)[0] == "torch"  # 900 >= 5 x 180
     assert loader_mod.choose_backend(LoaderConfig(backend="dali"), _table(big_paths), 224) == ("dali", None)
     assert loader_mod.choose_backend(LoaderConfig(backend="torch"), _table(small_paths), 224) == ("torch", None)
     monkeypatch.setattr(loader_mod, "resolve_dali_device", lambda cfg: "gpu")

@@ -10,17 +10,23 @@ the decoding work. The torch loader's fast path (``loader.dct_scaling``) therefo
    window as the plain path;
 2. picks the largest reduction (8, 4, 2) that still leaves the window at least ``image_size`` pixels on its
    shorter side (:func:`dct_factor`; 1, i.e. a full decode, when none does) and decodes at that scale;
-3. resizes the window, mapped into the decoded image's coordinates with sub-pixel precision, to the output size
-   (PIL bilinear with antialias, as v2 does for PIL images).
+3. stops decoding below the window: libjpeg decodes a JPEG top to bottom, so the rows under the window's bottom
+   edge (plus the resize filter's reach) are never decoded (:func:`decode_scaled`'s ``rows``; a random resized
+   crop of 0.35-1 of the area left 5 % of the rows below it on average on the synthetic ISIC-sized set);
+4. resizes the window, mapped into the decoded image's coordinates with sub-pixel precision, to the output size
+   (PIL bilinear with antialias, as v2 does for PIL images). The output is the same, bit for bit, as resizing
+   the window out of the whole image decoded at that scale.
 
-Evaluation uses the same idea for the shorter-side resize (:func:`resize_center_crop`) and the squash of a
-segmentation image (:func:`squash`). A file PIL cannot draft (PNG, a progressive JPEG is fine) is decoded in full:
-the output is the same, only slower. Decoding at a reduced scale averages each 2x2 .. 8x8 block in the DCT domain
+Evaluation uses the same ideas for the shorter-side resize and center crop (:func:`resize_center_crop`) and the
+scale for the squash of a segmentation image (:func:`squash`). A file PIL cannot draft (PNG; a progressive JPEG is
+fine) is decoded in full, and so is one with an EXIF rotation (the window's rows are not the file's): the output is
+the same, only slower. Decoding at a reduced scale averages each 2x2 .. 8x8 block in the DCT domain
 before the resize, so outputs differ from a full decode + crop by a few grey levels (``tests/test_fast_decode.py``).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -50,11 +56,16 @@ def upright_size(im: Image.Image, orient: int) -> tuple[int, int]:
     return (h, w) if orient in (5, 6, 7, 8) else (w, h)
 
 
-def decode_scaled(im: Image.Image, orient: int, factor: int) -> tuple[Image.Image, float]:
+def decode_scaled(im: Image.Image, orient: int, factor: int, rows: float | None = None) -> tuple[Image.Image, float]:
     """Decode the opened ``im`` as upright RGB at 1/``factor`` of its size where the format allows (JPEG).
+
+    ``rows``: only the image's first ``rows`` rows are needed, in *original* upright pixels (the window's bottom
+    edge): a baseline or progressive JPEG stored upright is then decoded down to that row (plus the margin a
+    resize filter reads, :func:`_stop_rows`) and no further; the rows below stay black.
 
     Returns ``(image, scale)``: ``scale`` is decoded pixels per original pixel (``1 / factor``, or 1 when the file
     was decoded in full). libjpeg rounds the scaled size up, so pixel ``x`` of the original is ``x * scale`` here.
+    The image may be ``im`` itself (an upright RGB JPEG): use it before ``im`` is closed.
     """
     scale = 1.0
     if factor > 1:
@@ -62,10 +73,66 @@ def decode_scaled(im: Image.Image, orient: int, factor: int) -> tuple[Image.Imag
         drafted = im.draft("RGB", (im.size[0] // factor, im.size[1] // factor))
         if drafted is not None:
             scale = drafted[1][2] / width
-    img = im.convert("RGB")
+    if rows is not None and orient == 1 and im.mode == "RGB" and im.format == "JPEG":
+        _load_rows(im, _stop_rows(rows * scale, im.size[1]))
+    # an RGB JPEG is used as decoded: convert("RGB") would copy the whole decoded image (~1 ms at 1/4 of a
+    # 12-megapixel photo); the caller resizes it before the file is closed (closing frees the pixels)
+    img = im if im.mode == "RGB" else im.convert("RGB")
+    img.load()
     if orient in _TRANSPOSE:
         img = img.transpose(_TRANSPOSE[orient])
     return img, scale
+
+
+def _stop_rows(bottom: float, height: int, reach: float = 8.0) -> int:
+    """Rows of a decoded image to decode for a window whose bottom edge is at ``bottom`` (decoded pixels): the edge
+    plus ``reach`` rows, more than PIL's bilinear filter reads below it (its support is the window's reduction,
+    at most ~3 rows when each window keeps at least the output's size; 8 covers any reduction up to 7.5)."""
+    return min(height, math.ceil(bottom + reach))
+
+
+def _load_rows(im: Image.Image, rows: int) -> None:
+    """Decode only the first ``rows`` rows of the opened JPEG ``im`` (PIL's decoder goes top to bottom).
+
+    PIL decodes a JPEG as one tile; narrowing the tile to the top ``rows`` rows makes its decoder stop there, and
+    libjpeg then reports the unfinished image as a broken stream, which is expected here. Whether the rows were
+    decoded is checked, not assumed: the last of them is filled with a pattern no JPEG decode writes (a
+    pseudo-random row of bytes) before decoding; if it is still there afterwards the decoder failed above it (a
+    truncated or corrupt file) and the error is raised as a full decode would raise it. A file that is not a
+    single-tile JPEG, or a PIL whose internals differ, is left to the full decode.
+    """
+    if rows >= im.size[1] or len(getattr(im, "tile", ()) or ()) != 1:
+        return
+    tile = im.tile[0]
+    if tile[0] != "jpeg":
+        return
+    width = im.size[0]
+    extents = (0, 0, width, rows)
+    try:
+        narrowed = tile._replace(extents=extents) if hasattr(tile, "_replace") else (tile[0], extents, *tile[2:])
+        core = Image.core.new(im.mode, im.size)
+        marker = Image.frombytes(im.mode, (width, 1), _marker_row(width))
+        core.paste(marker.im, (0, rows - 1, width, rows))
+    except (AttributeError, TypeError, ValueError):
+        return  # not the PIL internals this relies on: decode in full
+    im.im, im.tile = core, [narrowed]
+    try:
+        im.load()
+    except OSError as e:  # expected: libjpeg's "too few scanlines" after the stop, unless the rows were not reached
+        error: OSError | None = e
+    else:
+        error = None
+    if im.crop((0, rows - 1, width, rows)).tobytes() == marker.tobytes():
+        raise error or OSError("image file is truncated")
+
+
+@functools.lru_cache(maxsize=16)
+def _marker_row(width: int) -> bytes:
+    """``width`` RGB pixels of fixed pseudo-random bytes: a row that a JPEG decode never reproduces (decoded rows
+    are smooth: the IDCT of at most 64 coefficients per 8x8 block)."""
+    import random
+
+    return random.Random(width).randbytes(3 * width)
 
 
 def draw_crop(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]) \
@@ -115,20 +182,26 @@ def random_resized_crop(path: str, image_size: int, scale: tuple[float, float], 
         width, height = upright_size(im, orient)
         top, left, h, w = draw_crop(height, width, scale, ratio)
         factor = dct_factor(min(h, w), image_size) if dct_scaling else 1
-        img, s = decode_scaled(im, orient, factor)
-    out = _resize_box(img, s, (left, top, left + w, top + h), (image_size, image_size))
+        img, s = decode_scaled(im, orient, factor, rows=top + h if dct_scaling else None)
+        out = _resize_box(img, s, (left, top, left + w, top + h), (image_size, image_size))
     return out, (top, left, h, w), (width, height)
 
 
 def resize_center_crop(path: str, resize: int, crop: int, dct_scaling: bool = True) -> Image.Image:
     """Decode ``path``, resize its shorter side to ``resize`` and cut the central ``crop`` square: the geometry of
     v2 ``Resize(resize)`` + ``CenterCrop(crop)`` (same output size and window), decoded at the largest DCT reduction
-    that keeps the shorter side at least ``resize`` pixels."""
+    that keeps the shorter side at least ``resize`` pixels, down to the window's bottom edge."""
     with Image.open(path) as im:
         orient = orientation(im)
         width, height = upright_size(im, orient)
+        box = _center_box(width, height, resize, crop)
         factor = dct_factor(min(width, height), resize) if dct_scaling else 1
-        img, s = decode_scaled(im, orient, factor)
+        img, s = decode_scaled(im, orient, factor, rows=box[3] if dct_scaling else None)
+        return _resize_box(img, s, box, (crop, crop))
+
+
+def _center_box(width: int, height: int, resize: int, crop: int) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) in original pixels of v2 ``Resize(resize)`` + ``CenterCrop(crop)``'s window."""
     # v2 Resize(int): the shorter side -> resize, the longer int(resize * long / short); CenterCrop rounds its offset
     if width <= height:
         new_w, new_h = resize, int(resize * height / width)
@@ -136,8 +209,7 @@ def resize_center_crop(path: str, resize: int, crop: int, dct_scaling: bool = Tr
         new_w, new_h = int(resize * width / height), resize
     top, left = int(round((new_h - crop) / 2.0)), int(round((new_w - crop) / 2.0))  # crop <= resize: inside
     fx, fy = width / new_w, height / new_h  # original pixels per resized pixel
-    box = (left * fx, top * fy, (left + crop) * fx, (top + crop) * fy)
-    return _resize_box(img, s, box, (crop, crop))
+    return left * fx, top * fy, (left + crop) * fx, (top + crop) * fy
 
 
 def squash(path: str, size: int, dct_scaling: bool = True) -> tuple[Image.Image, tuple[int, int]]:
@@ -148,4 +220,4 @@ def squash(path: str, size: int, dct_scaling: bool = True) -> tuple[Image.Image,
         width, height = upright_size(im, orient)
         factor = dct_factor(min(width, height), size) if dct_scaling else 1
         img, s = decode_scaled(im, orient, factor)
-    return _resize_box(img, s, (0, 0, width, height), (size, size)), (width, height)
+        return _resize_box(img, s, (0, 0, width, height), (size, size)), (width, height)
