@@ -26,11 +26,19 @@ threads), batch size and output size, so the library's loaders are compared with
   bytes and the main process decodes a whole batch with ``decode_jpeg(list_of_bytes, device="cuda")`` (nvJPEG),
   then runs the v2 transforms per sample on GPU tensors.
 
+The ceiling (``--backends`` must name it; not in the default list): ``decode-bound`` decodes each image at the DCT
+scale its crop needs and down to the crop's bottom edge (the crop drawn as the ``torch`` row draws it, with the
+same rules: :mod:`fastlesion.data.decode`), with PIL's ``Image.draft``, and does nothing else: no resize, no
+augmentation, an empty tensor per image through the DataLoader. No loader that decodes with libjpeg and keeps at
+least ``--image-size`` pixels across each crop can beat it on the same threads; ``vs_decode_bound`` says how close
+a row comes.
+
 ``--data ROOT [--dataset KIND]`` measures on any catalog dataset (isic2020, isic2019, ham10000, csv, folder; the
 kind is detected unless given) instead of the synthetic sets. The summary ends with one line per scale: the library's
 default loader (what ``loader.backend=auto`` picks for these images here, :func:`fastlesion.data.loader.choose_backend`:
 dali-gpu with CUDA; on CPU torch with DCT-scaled decoding for large images, else dali-cpu) against the fastest peer;
-rows carry ``vs_best_peer`` and ``default_backend``.
+rows carry ``vs_best_peer``, ``vs_pil``, ``vs_decode_bound`` (None where that row was not measured) and
+``default_backend``.
 
 Each repeat runs one epoch (a new shuffle), drops the first ``--warmup`` batches (pipeline start, worker start,
 first decodes) and times the rest; the reported number is the median over ``--repeats``, the backends interleaved
@@ -71,6 +79,8 @@ LIBRARY = ("torch", "torch-plain", "dali-cpu", "dali-gpu")
 with ``loader.dct_scaling=false`` (full decodes: the plain reference)."""
 PEERS = ("pil", "pil-draft", "torchvision-decode")
 """What users write without the library: plain PIL, PIL with DCT-scaled decoding, torchvision's decoder."""
+BOUNDS = ("decode-bound",)
+"""Ceilings, not loaders: ``decode-bound`` only decodes (module docstring). Named in ``--backends`` only."""
 BACKENDS = LIBRARY + PEERS
 DRAFT_FACTORS = (8, 4, 2, 1)
 """JPEG DCT scalings PIL's ``Image.draft`` offers (1/8 .. 1/1), largest reduction first."""
@@ -93,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="untimed epochs per backend before the repeats (worker start, memory pools, page cache)")
     p.add_argument("--backends", default=",".join(BACKENDS),
                    help="comma-separated subset of torch, torch-plain, dali-cpu, dali-gpu (the library's loaders; "
-                        "gpu only with CUDA) and the peers pil, pil-draft, torchvision-decode (GPU decode with CUDA)")
+                        "gpu only with CUDA) and the peers pil, pil-draft, torchvision-decode (GPU decode with CUDA); "
+                        "decode-bound (the ceiling: decode only) when named")
     p.add_argument("--data", default=None,
                    help="measure on this dataset root instead of the synthetic --scales (any catalog kind); "
                         "--n then keeps the first N images (default all)")
@@ -168,7 +179,7 @@ def make_loader(backend: str, table, cfg, image_size: int, device: torch.device)
     """The training loader of ``backend``: the library's through :func:`fastlesion.data.loader.build_loader`, as
     training builds it, a peer's through :class:`PeerLoader`; batches land on ``device`` for dali-gpu and for
     torchvision-decode with CUDA, on the CPU for the rest."""
-    if backend in PEERS:
+    if backend in PEERS + BOUNDS:
         return PeerLoader(backend, table, cfg, image_size, device)
     from fastlesion.data.loader import build_loader
 
@@ -229,6 +240,23 @@ def draft_open(path: str, image_size: int, scale: tuple[float, float], ratio: tu
     return img, (top2, left2, h2, w2), factor
 
 
+def decode_only(path: str, image_size: int, scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
+    """decode-bound's item: draw the crop on the upright size (:func:`fastlesion.data.decode.draw_crop`), decode the
+    image at the DCT scale that keeps the crop at least ``image_size`` pixels and down to the crop's bottom edge (the
+    ``torch`` row's rules, PIL draft) and drop it; an empty tensor goes through the DataLoader."""
+    from PIL import Image
+
+    from fastlesion.data import decode
+    from fastlesion.data.exif import orientation
+
+    with Image.open(path) as im:
+        orient = orientation(im)
+        width, height = decode.upright_size(im, orient)
+        top, _, h, w = decode.draw_crop(height, width, scale, ratio)
+        decode.decode_scaled(im, orient, decode.dct_factor(min(h, w), image_size), rows=top + h)
+    return torch.empty(0)
+
+
 class PeerImages(torch.utils.data.Dataset):
     """Item ``i`` of a peer: ``(CHW float tensor, label, i)``; for torchvision-decode on the GPU ``(the file's
     bytes, label, i)``, decoded by the loader a batch at a time."""
@@ -236,7 +264,7 @@ class PeerImages(torch.utils.data.Dataset):
     def __init__(self, peer: str, paths: list[str], labels, cfg, image_size: int, gpu: bool = False) -> None:
         self.peer, self.paths, self.labels, self.gpu = peer, paths, labels, gpu
         self.image_size, self.scale, self.ratio = image_size, tuple(cfg.scale), tuple(cfg.ratio)
-        self.transform = None if gpu else peer_transforms(cfg, image_size, crop=peer != "pil-draft")
+        self.transform = None if gpu or peer in BOUNDS else peer_transforms(cfg, image_size, crop=peer != "pil-draft")
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -254,6 +282,8 @@ class PeerImages(torch.utils.data.Dataset):
             img, (top, left, h, w), _ = draft_open(path, self.image_size, self.scale, self.ratio)
             img = F.resized_crop(img, top, left, h, w, [self.image_size, self.image_size], antialias=True)
             return self.transform(img), label, i
+        if self.peer == "decode-bound":
+            return decode_only(path, self.image_size, self.scale, self.ratio), label, i
         if self.gpu:  # plain bytes: pickled through the worker queue (a list of tensors would go as shared-memory
             return Path(path).read_bytes(), label, i  # file descriptors, one per image, and read_file's fail there)
         from torchvision.io import ImageReadMode, decode_image, decode_jpeg, read_file
@@ -372,9 +402,10 @@ def resolve_backends(text: str, device: torch.device) -> tuple[list[str], list[s
     from fastlesion.data.loader import dali_available
 
     backends = common.split_list(text)
-    bad = [b for b in backends if b not in BACKENDS]
+    bad = [b for b in backends if b not in BACKENDS + BOUNDS]
     if bad or not backends:
-        raise common.BenchmarkError(f"--backends: unknown {bad or text!r}; choose from {', '.join(BACKENDS)}")
+        raise common.BenchmarkError(f"--backends: unknown {bad or text!r}; choose from "
+                                    f"{', '.join(BACKENDS + BOUNDS)}")
     notes = []
     if not dali_available() and any(b.startswith("dali") for b in backends):
         notes.append("NVIDIA DALI is not installed: only the torch loader is measured")
@@ -404,13 +435,19 @@ def default_backend(device: torch.device, table=None, image_size: int = 224) -> 
 
 
 def peer_ratios(rows: list[dict[str, Any]], default: str) -> list[str]:
-    """Set ``best_peer`` and ``vs_best_peer`` in ``rows`` (one scale's) and return the scale's summary line:
-    ``default dali-cpu vs best peer torchvision-decode: 1.12x``."""
+    """Set ``best_peer``, ``vs_best_peer``, ``vs_pil`` and ``vs_decode_bound`` in ``rows`` (one scale's; None where
+    that row was not measured) and return the scale's summary lines: with those rows ``large: default torch vs pil:
+    3.50x`` and ``large: default torch vs decode-bound: 0.85x (decode-bound vs pil: 4.10x)``, and always last
+    ``large: default torch vs best peer pil-draft: 1.02x``."""
     peers = [r for r in rows if r["mode"] in PEERS]
     best = max(peers, key=lambda r: r["images_per_s"]) if peers else None
+    pil = next((r for r in rows if r["mode"] == "pil"), None)
+    bound = next((r for r in rows if r["mode"] == "decode-bound"), None)
     for r in rows:
         r["best_peer"] = best["mode"] if best else None
         r["vs_best_peer"] = round(r["images_per_s"] / best["images_per_s"], 3) if best else None
+        r["vs_pil"] = round(r["images_per_s"] / pil["images_per_s"], 3) if pil else None
+        r["vs_decode_bound"] = round(r["images_per_s"] / bound["images_per_s"], 3) if bound else None
         r["default_backend"] = default
     scale = rows[0]["image_scale"] if rows else "?"
     mine = next((r for r in rows if r["mode"] == default), None)
@@ -419,7 +456,14 @@ def peer_ratios(rows: list[dict[str, Any]], default: str) -> list[str]:
                 "torchvision-decode to --backends)"]
     if mine is None:
         return [f"{scale}: default {default} vs best peer {best['mode']}: {default} not measured"]
-    return [f"{scale}: default {default} vs best peer {best['mode']}: {mine['vs_best_peer']:.2f}x"]
+    lines = []  # the issue's contract: each scale's summary ends with the default against the best peer
+    if pil:
+        lines.append(f"{scale}: default {default} vs pil: {mine['vs_pil']:.2f}x")
+    if bound:
+        lines.append(f"{scale}: default {default} vs decode-bound: {mine['vs_decode_bound']:.2f}x"
+                     + (f" (decode-bound vs pil: {bound['vs_pil']:.2f}x)" if pil else ""))
+    lines.append(f"{scale}: default {default} vs best peer {best['mode']}: {mine['vs_best_peer']:.2f}x")
+    return lines
 
 
 def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
@@ -507,8 +551,8 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 "proc_cpu_percent": _median([c["proc_cpu_percent"] for c in cpu[b]]),
                 "cpu_cores": cpu[b][0]["cpu_cores"],
                 "command": command, "status": "ok", "error": None, "notes": "; ".join(run_notes),
-                "peer": b in PEERS, "augmentation": aug, "data_root": str(Path(args.data).expanduser().resolve())
-                if args.data else None,
+                "peer": b in PEERS, "bound": b in BOUNDS, "augmentation": aug,
+                "data_root": str(Path(args.data).expanduser().resolve()) if args.data else None,
             })
         summary += peer_ratios(scale_rows, default)
         common.append_jsonl(args.out, scale_rows)

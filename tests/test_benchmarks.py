@@ -424,6 +424,48 @@ def test_loader_throughput_peers_yield_rows_and_the_default_vs_best_peer_line(tm
         assert lines[-1].endswith(f"{rows[0]['vs_best_peer']:.2f}x")
 
 
+def test_loader_throughput_decode_bound_row_and_ratios_to_pil_and_to_it(tmp_path, one_thread, capsys):
+    out = tmp_path / "bound.jsonl"
+    argv = ["--scales", "medium", "--n", "8", *PEER_ARGV, "--backends", "torch,pil,decode-bound",
+            "--cache", str(tmp_path / "cache"), "--out", str(out)]
+    assert loader_throughput.main(argv) == 0
+    rows = {r["mode"]: r for r in read_rows(out)}
+    assert list(rows) == ["torch", "pil", "decode-bound"]
+    bound, pil = rows["decode-bound"], rows["pil"]
+    assert bound["bound"] is True and bound["peer"] is False and rows["torch"]["bound"] is False
+    assert bound["timed_images_per_repeat"] == 4 and bound["best_peer"] == "pil"  # a ceiling, never a peer
+    for r in rows.values():
+        assert r["vs_pil"] == pytest.approx(r["images_per_s"] / pil["images_per_s"], rel=0.01)
+        assert r["vs_decode_bound"] == pytest.approx(r["images_per_s"] / bound["images_per_s"], rel=0.01)
+    lines = capsys.readouterr().out.strip().splitlines()
+    default = rows["torch"]["default_backend"]
+    if default == "torch":  # the summary: vs pil, vs the bound, and last (the contract) vs the best peer
+        assert lines[-3] == f"medium: default torch vs pil: {rows['torch']['vs_pil']:.2f}x"
+        assert lines[-2] == (f"medium: default torch vs decode-bound: {rows['torch']['vs_decode_bound']:.2f}x "
+                             f"(decode-bound vs pil: {bound['vs_pil']:.2f}x)")
+    assert lines[-1].startswith(f"medium: default {default} vs best peer pil: ")
+    assert "decode-bound" not in loader_throughput.parse_args([]).backends  # named, never run by default
+
+
+def test_decode_only_decodes_at_the_scale_the_crop_needs(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from fastlesion.data import decode
+
+    big = tmp_path / "big.jpg"
+    Image.new("RGB", (2400, 1800), (200, 120, 90)).save(big, quality=90)
+    seen = []
+    real = decode.decode_scaled
+    monkeypatch.setattr(decode, "decode_scaled", lambda im, o, f, rows=None: seen.append(f) or real(im, o, f, rows))
+    torch.manual_seed(0)
+    for _ in range(20):
+        assert loader_throughput.decode_only(str(big), 224, (0.35, 1.0), (3 / 4, 4 / 3)).numel() == 0
+    torch.manual_seed(0)  # the same draws as the torch loader's crop: the same factors
+    want = [decode.dct_factor(min(decode.draw_crop(1800, 2400, (0.35, 1.0), (3 / 4, 4 / 3))[2:]), 224)
+            for _ in range(20)]
+    assert seen == want and len(set(want)) > 1  # a per-crop choice (4 and 8 here)
+
+
 def test_loader_throughput_peers_same_augmentation_off_for_every_row(tmp_path, one_thread):
     from PIL import Image
 
