@@ -101,10 +101,14 @@ def file_machines(files: list[str], labels: dict[str, str] | None = None) -> dic
 
 
 def row_config(row: dict[str, Any]) -> str:
-    """``<mode>`` (train-step rows), ``<backend> <mode>`` (end-to-end), ``<backend-device> <scale>`` (loader)."""
+    """``<mode>`` (train-step rows), ``<backend> <mode>`` (end-to-end), ``<backend-device> <scale>`` (loader; with
+    `` aug<strength>`` when its ``--aug-strength`` was not the default 1, so that a run with crops and flips only is
+    never averaged with one of the full augmentation)."""
     mode = str(row.get("mode") or "")
     if row.get("bench") == "loader_throughput":
-        return f"{mode} {row.get('image_scale', '')}".strip()
+        strength = (row.get("settings") or {}).get("aug_strength", 1.0)
+        aug = f" aug{strength:g}" if strength is not None and float(strength) != 1.0 else ""
+        return f"{mode} {row.get('image_scale', '')}".strip() + aug
     if row.get("bench") == "end_to_end" or row.get("backend"):
         return f"{row.get('backend', '?')} {mode}".strip()
     return mode

@@ -373,6 +373,14 @@ def test_device_cuda_without_cuda_is_one_error_line(script, capsys):
     assert len(err) == 1 and err[0].startswith("error: ") and "CUDA" in err[0], err
 
 
+def test_compare_keeps_loader_rows_of_other_augmentation_apart():
+    row = {"bench": "loader_throughput", "mode": "torch", "image_scale": "large", "settings": {"aug_strength": 1.0}}
+    assert compare.row_config(row) == "torch large"
+    assert compare.row_config({**row, "settings": {"aug_strength": 0.0}}) == "torch large aug0"
+    assert compare.row_config({**row, "settings": {"aug_strength": 0.5}}) == "torch large aug0.5"
+    assert compare.row_config({k: v for k, v in row.items() if k != "settings"}) == "torch large"  # older rows
+
+
 def test_compare_bad_metric_is_one_error_line(tmp_path, capsys):
     f = tmp_path / "r.jsonl"
     common.append_jsonl(f, _row("resnet18", "eager-fp32-nchw", 10.0, {"hostname": "box"}, "cpu: X"))
