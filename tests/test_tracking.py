@@ -194,3 +194,34 @@ def test_step_losses_need_no_extra_sync(tiny_isic):
                       torch.amp.GradScaler(enabled=False), rt, 1, check_every=2, on_loss=seen.append)
     assert len(seen) == 3  # steps 2, 4 and the last one
     assert (seen[0] * 2 + seen[1] * 2 + seen[2]) / 5 == pytest.approx(res.loss)
+
+
+@needs_mlflow
+def test_a_trial_asha_stopped_gets_its_session_and_run_ended(tiny_isic, tmp_path):
+    """ASHA stops a trial at an epoch report and Ray ends its process, so train() never closes its trackers: the
+    search's results pass ends them (fastlesion.tune.finish), once."""
+    import subprocess
+
+    from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+
+    from fastlesion.config import save_config, to_dict
+    from fastlesion.tune.finish import STOPPED_TAG, close_stopped_trials
+
+    uri, run = (tmp_path / "mlruns").as_uri(), tmp_path / "trial"
+    cfg = tiny_cfg(tiny_isic, run, **{"train.epochs": 3, "run.mlflow_uri": uri, "train.steps_per_epoch": 2})
+    save_config(cfg, tmp_path / "cfg.yaml")
+    # the process ends at the first epoch's report, as a trial's does when ASHA stops it there
+    code = ("import os, sys; from fastlesion.config import load_config; from fastlesion.engine.train import train; "
+            "train(load_config(sys.argv[1]), report=lambda row, out: os._exit(0))")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "cfg.yaml")], check=True, timeout=300)
+    assert _mlflow(uri)[1][0].info.status == "RUNNING"
+    assert metadata.SESSION_END_INFO_TAG not in _events(run).PluginTagToContent(metadata.PLUGIN_NAME)
+
+    trials = pd.DataFrame({"run_dir": [str(run), str(tmp_path / "done")], "stopped_early": [True, False],
+                           "epochs": [1, 3]})
+    assert close_stopped_trials(trials, to_dict(cfg)) == 2  # its TensorBoard session and its MLflow run
+    r = _mlflow(uri)[1][0]
+    assert r.info.status == "FINISHED" and r.data.tags[STOPPED_TAG] == "asha after epoch 1"
+    content = _events(run).PluginTagToContent(metadata.PLUGIN_NAME)[metadata.SESSION_END_INFO_TAG]
+    assert plugin_data_pb2.HParamsPluginData.FromString(content).session_end_info.status == api_pb2.STATUS_SUCCESS
+    assert close_stopped_trials(trials, to_dict(cfg)) == 0  # a second results pass (a resumed search): nothing

@@ -87,6 +87,11 @@ def test_asha_search_cpu(tiny_isic, tmp_path, local_ray, capsys):
         assert (run / "metrics.csv").is_file() and len(pd.read_csv(run / "metrics.csv")) == r.epochs
     full = df[df["epochs"] == 3].iloc[0]
     assert (Path(full["run_dir"]) / "summary.json").is_file()
+    # Ray ended the stopped trials' processes mid-train(): the results pass ended their TensorBoard sessions
+    from fastlesion.tune.finish import TB_SUFFIX
+
+    for r in df.itertuples():
+        assert len(list((Path(r.run_dir) / "tb").glob(f"*{TB_SUFFIX}"))) == int(r.stopped_early), r
 
     # best.yaml: a valid config of the best trial, runnable by `fastlesion train --config best.yaml`
     best = load_config(exp / "best.yaml")

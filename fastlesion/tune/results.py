@@ -18,6 +18,7 @@ from typing import Any
 
 from fastlesion.config import Config, config_from_dict, replace, save_config
 from fastlesion.errors import FastlesionError
+from fastlesion.tune.finish import close_stopped_trials
 from fastlesion.tune.resources import import_ray
 from fastlesion.tune.settings import TuneSettings
 from fastlesion.tune.trial import metric_label, score_key, trial_run_dir, tune_metric
@@ -244,6 +245,7 @@ def write_results(setup: dict[str, Any], interrupted: bool = False, console: Any
     space_keys = list(setup["space"])
     metric = tune_metric(setup["base"])
     df, histories = collect_trials(exp, space_keys, settings.max_t, metric)
+    close_stopped_trials(df, setup["base"])  # Ray ended their processes before train() could (fastlesion.tune.finish)
     res = SearchResult(exp, df, histories, interrupted=interrupted, metric=metric)
     # the best trial is the top row among those that finished an epoch (a trial that failed before has NaN values)
     done = df[df["epochs"] > 0] if len(df) else df
