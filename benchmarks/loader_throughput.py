@@ -253,7 +253,8 @@ def decode_only(path: str, image_size: int, scale: tuple[float, float], ratio: t
         orient = orientation(im)
         width, height = decode.upright_size(im, orient)
         top, _, h, w = decode.draw_crop(height, width, scale, ratio)
-        decode.decode_scaled(im, orient, decode.dct_factor(min(h, w), image_size), rows=top + h)
+        decode.decode_scaled(im, orient, decode.dct_factor(min(h, w), image_size), rows=top + h,
+                             per_output=h / image_size)
     return torch.empty(0)
 
 

@@ -464,7 +464,7 @@ def test_decode_only_decodes_at_the_scale_the_crop_needs(tmp_path, monkeypatch):
     Image.new("RGB", (2400, 1800), (200, 120, 90)).save(big, quality=90)
     seen = []
     real = decode.decode_scaled
-    monkeypatch.setattr(decode, "decode_scaled", lambda im, o, f, rows=None: seen.append(f) or real(im, o, f, rows))
+    monkeypatch.setattr(decode, "decode_scaled", lambda im, o, f, **kw: seen.append(f) or real(im, o, f, **kw))
     torch.manual_seed(0)
     for _ in range(20):
         assert loader_throughput.decode_only(str(big), 224, (0.35, 1.0), (3 / 4, 4 / 3)).numel() == 0

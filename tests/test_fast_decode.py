@@ -67,8 +67,8 @@ def test_reduced_decode_keeps_the_crop_distribution_and_enough_pixels(big, monke
     factors = []
     real = decode.decode_scaled
 
-    def spy(im, orient, factor, rows=None):
-        img, s = real(im, orient, factor, rows)
+    def spy(im, orient, factor, *args, **kwargs):
+        img, s = real(im, orient, factor, *args, **kwargs)
         factors.append((factor, s, img.size))
         return img, s
 
@@ -159,6 +159,16 @@ def test_eval_window_stops_early_and_is_bit_identical(tmp_path, monkeypatch):
     fast = _u8(decode.resize_center_crop(path, 256, 224))
     monkeypatch.setattr(decode, "_load_rows", lambda im, rows: None)  # the whole image decoded at the scale
     assert np.array_equal(fast, _u8(decode.resize_center_crop(path, 256, 224)))
+
+
+@pytest.mark.parametrize("size", [16, 64])
+def test_early_stop_keeps_what_a_strong_reduction_reads(big, monkeypatch, size):
+    """A small output from a large window (here up to 1800 / 8 / 16 = 14 decoded rows per output row): the rows the
+    filter reads below the window are decoded too, so the output stays bit-identical."""
+    for seed in range(10):
+        torch.manual_seed(seed)
+        fast = _u8(decode.random_resized_crop(big, size, SCALE, RATIO)[0])
+        assert np.array_equal(fast, _window_from_whole_decode(big, seed, size)), seed
 
 
 def test_a_file_cut_above_the_window_still_fails_and_one_cut_below_it_does_not(big, tmp_path, monkeypatch):

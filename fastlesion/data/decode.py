@@ -11,8 +11,8 @@ the decoding work. The torch loader's fast path (``loader.dct_scaling``) therefo
 2. picks the largest reduction (8, 4, 2) that still leaves the window at least ``image_size`` pixels on its
    shorter side (:func:`dct_factor`; 1, i.e. a full decode, when none does) and decodes at that scale;
 3. stops decoding below the window: libjpeg decodes a JPEG top to bottom, so the rows under the window's bottom
-   edge (plus the resize filter's reach) are never decoded (:func:`decode_scaled`'s ``rows``; a random resized
-   crop of 0.35-1 of the area left 5 % of the rows below it on average on the synthetic ISIC-sized set);
+   edge (past the few the resize filter reads) are never decoded (:func:`decode_scaled`'s ``rows``; a random
+   resized crop of 0.35-1 of the area left 5 % of the rows below it on average on the synthetic ISIC-sized set);
 4. resizes the window, mapped into the decoded image's coordinates with sub-pixel precision, to the output size
    (PIL bilinear with antialias, as v2 does for PIL images). The output is the same, bit for bit, as resizing
    the window out of the whole image decoded at that scale.
@@ -56,12 +56,14 @@ def upright_size(im: Image.Image, orient: int) -> tuple[int, int]:
     return (h, w) if orient in (5, 6, 7, 8) else (w, h)
 
 
-def decode_scaled(im: Image.Image, orient: int, factor: int, rows: float | None = None) -> tuple[Image.Image, float]:
+def decode_scaled(im: Image.Image, orient: int, factor: int, rows: float | None = None,
+                  per_output: float = 1.0) -> tuple[Image.Image, float]:
     """Decode the opened ``im`` as upright RGB at 1/``factor`` of its size where the format allows (JPEG).
 
     ``rows``: only the image's first ``rows`` rows are needed, in *original* upright pixels (the window's bottom
-    edge): a baseline or progressive JPEG stored upright is then decoded down to that row (plus the margin a
-    resize filter reads, :func:`_stop_rows`) and no further; the rows below stay black.
+    edge), for a resize that maps ``per_output`` original rows to one output row: a baseline or progressive JPEG
+    stored upright is then decoded down to that row plus what the resize filter reads below it (:func:`_stop_rows`)
+    and no further; the rows below stay black.
 
     Returns ``(image, scale)``: ``scale`` is decoded pixels per original pixel (``1 / factor``, or 1 when the file
     was decoded in full). libjpeg rounds the scaled size up, so pixel ``x`` of the original is ``x * scale`` here.
@@ -74,7 +76,7 @@ def decode_scaled(im: Image.Image, orient: int, factor: int, rows: float | None 
         if drafted is not None:
             scale = drafted[1][2] / width
     if rows is not None and orient == 1 and im.mode == "RGB" and im.format == "JPEG":
-        _load_rows(im, _stop_rows(rows * scale, im.size[1]))
+        _load_rows(im, _stop_rows(rows * scale, im.size[1], per_output * scale))
     # an RGB JPEG is used as decoded: convert("RGB") would copy the whole decoded image (~1 ms at 1/4 of a
     # 12-megapixel photo); the caller resizes it before the file is closed (closing frees the pixels)
     img = im if im.mode == "RGB" else im.convert("RGB")
@@ -84,11 +86,12 @@ def decode_scaled(im: Image.Image, orient: int, factor: int, rows: float | None 
     return img, scale
 
 
-def _stop_rows(bottom: float, height: int, reach: float = 8.0) -> int:
-    """Rows of a decoded image to decode for a window whose bottom edge is at ``bottom`` (decoded pixels): the edge
-    plus ``reach`` rows, more than PIL's bilinear filter reads below it (its support is the window's reduction,
-    at most ~3 rows when each window keeps at least the output's size; 8 covers any reduction up to 7.5)."""
-    return min(height, math.ceil(bottom + reach))
+def _stop_rows(bottom: float, height: int, reduction: float) -> int:
+    """Rows of a decoded image to decode for a window whose bottom edge is at ``bottom`` (decoded pixels), resized
+    by ``reduction`` decoded rows per output row: PIL's bilinear filter reads ``max(reduction, 1)`` rows either side
+    of an output row's centre, which for the last row lies half a step above the edge, so it reads at most
+    ``reduction / 2 + 1`` rows below the edge; 2 more for rounding."""
+    return min(height, math.ceil(bottom + max(reduction, 1.0) / 2 + 3))
 
 
 def _load_rows(im: Image.Image, rows: int) -> None:
@@ -182,7 +185,7 @@ def random_resized_crop(path: str, image_size: int, scale: tuple[float, float], 
         width, height = upright_size(im, orient)
         top, left, h, w = draw_crop(height, width, scale, ratio)
         factor = dct_factor(min(h, w), image_size) if dct_scaling else 1
-        img, s = decode_scaled(im, orient, factor, rows=top + h if dct_scaling else None)
+        img, s = decode_scaled(im, orient, factor, rows=top + h if dct_scaling else None, per_output=h / image_size)
         out = _resize_box(img, s, (left, top, left + w, top + h), (image_size, image_size))
     return out, (top, left, h, w), (width, height)
 
@@ -196,7 +199,8 @@ def resize_center_crop(path: str, resize: int, crop: int, dct_scaling: bool = Tr
         width, height = upright_size(im, orient)
         box = _center_box(width, height, resize, crop)
         factor = dct_factor(min(width, height), resize) if dct_scaling else 1
-        img, s = decode_scaled(im, orient, factor, rows=box[3] if dct_scaling else None)
+        img, s = decode_scaled(im, orient, factor, rows=box[3] if dct_scaling else None,
+                               per_output=(box[3] - box[1]) / crop)
         return _resize_box(img, s, box, (crop, crop))
 
 
