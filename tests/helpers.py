@@ -51,3 +51,18 @@ def read_rows(path: Path) -> list[dict]:
     import json
 
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def save_jpeg(path: Path, image: Any, orientation: int | None = None, quality: int = 90) -> str:
+    """Save ``image`` (a PIL image or an H x W x 3 uint8 array) as a JPEG at ``path``, with an EXIF orientation tag
+    when ``orientation`` is given; returns the path as a string."""
+    from PIL import Image
+
+    im = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    if orientation is None:
+        im.save(path, quality=quality)
+    else:
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        im.save(path, quality=quality, exif=exif)
+    return str(path)

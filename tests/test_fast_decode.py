@@ -6,6 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import save_jpeg
 from PIL import Image
 
 from fastlesion.config import LoaderConfig
@@ -25,14 +26,7 @@ def _photo(path, width: int, height: int, orientation: int | None = None, seed: 
     blob = ((xx - 0.45 * width) / (0.2 * width)) ** 2 + ((yy - 0.55 * height) / (0.25 * height)) ** 2 <= 1
     img = img.copy()
     img[blob] = (img[blob] * 0.35).astype(np.uint8)
-    im = Image.fromarray(img)
-    if orientation is None:
-        im.save(path, quality=90)
-    else:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        im.save(path, quality=90, exif=exif)
-    return str(path)
+    return save_jpeg(path, img, orientation)
 
 
 @pytest.fixture(scope="module")

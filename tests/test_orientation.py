@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from helpers import save_jpeg
 from PIL import Image, ImageOps
 
 from fastlesion.config import LoaderConfig
@@ -27,14 +28,7 @@ def _pattern(w: int = 96, h: int = 72) -> np.ndarray:
 
 
 def _save(path: Path, arr: np.ndarray, orientation: int | None) -> str:
-    im = Image.fromarray(arr)
-    if orientation is None:
-        im.save(path, quality=95)
-    else:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        im.save(path, quality=95, exif=exif)
-    return str(path)
+    return save_jpeg(path, arr, orientation, quality=95)
 
 
 @pytest.fixture(scope="module")
