@@ -241,20 +241,15 @@ def draft_open(path: str, image_size: int, scale: tuple[float, float], ratio: tu
 
 
 def decode_only(path: str, image_size: int, scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
-    """decode-bound's item: draw the crop on the upright size (:func:`fastlesion.data.decode.draw_crop`), decode the
-    image at the DCT scale that keeps the crop at least ``image_size`` pixels and down to the crop's bottom edge (the
-    ``torch`` row's rules, PIL draft) and drop it; an empty tensor goes through the DataLoader."""
+    """decode-bound's item: the ``torch`` row's decode of the crop's window
+    (:func:`fastlesion.data.decode.decode_window`: the DCT scale that keeps the crop at least ``image_size`` pixels,
+    down to its bottom edge), dropped; an empty tensor goes through the DataLoader."""
     from PIL import Image
 
     from fastlesion.data import decode
-    from fastlesion.data.exif import orientation
 
     with Image.open(path) as im:
-        orient = orientation(im)
-        width, height = decode.upright_size(im, orient)
-        top, _, h, w = decode.draw_crop(height, width, scale, ratio)
-        decode.decode_scaled(im, orient, decode.dct_factor(min(h, w), image_size), rows=top + h,
-                             per_output=h / image_size)
+        decode.decode_window(im, image_size, scale, ratio)
     return torch.empty(0)
 
 

@@ -176,18 +176,26 @@ def random_resized_crop(path: str, image_size: int, scale: tuple[float, float], 
     """Decode ``path`` for a random resized crop to ``image_size`` square (module docstring).
 
     Returns ``(RGB image image_size x image_size, (top, left, height, width) of the window in the original upright
-    image, original upright (width, height))``. The window is drawn before decoding (:func:`draw_crop`, torch's
-    default generator), at the DCT scale of :func:`dct_factor` for its shorter side (full size without
-    ``dct_scaling``).
+    image, original upright (width, height))``: :func:`decode_window`, then the window resized.
     """
     with Image.open(path) as im:
-        orient = orientation(im)
-        width, height = upright_size(im, orient)
-        top, left, h, w = draw_crop(height, width, scale, ratio)
-        factor = dct_factor(min(h, w), image_size) if dct_scaling else 1
-        img, s = decode_scaled(im, orient, factor, rows=top + h if dct_scaling else None, per_output=h / image_size)
+        img, s, (top, left, h, w), size = decode_window(im, image_size, scale, ratio, dct_scaling)
         out = _resize_box(img, s, (left, top, left + w, top + h), (image_size, image_size))
-    return out, (top, left, h, w), (width, height)
+    return out, (top, left, h, w), size
+
+
+def decode_window(im: Image.Image, image_size: int, scale: tuple[float, float], ratio: tuple[float, float],
+                  dct_scaling: bool = True) -> tuple[Image.Image, float, tuple[int, int, int, int], tuple[int, int]]:
+    """Draw a random resized crop's window on the opened ``im``'s upright size (:func:`draw_crop`, torch's default
+    generator) and decode what it needs: at the DCT scale of :func:`dct_factor` for its shorter side and down to its
+    bottom edge (in full without ``dct_scaling``). Returns ``(decoded image, scale, (top, left, height, width),
+    original upright (width, height))``; use the image before ``im`` is closed (:func:`decode_scaled`)."""
+    orient = orientation(im)
+    width, height = upright_size(im, orient)
+    top, left, h, w = draw_crop(height, width, scale, ratio)
+    factor = dct_factor(min(h, w), image_size) if dct_scaling else 1
+    img, s = decode_scaled(im, orient, factor, rows=top + h if dct_scaling else None, per_output=h / image_size)
+    return img, s, (top, left, h, w), (width, height)
 
 
 def resize_center_crop(path: str, resize: int, crop: int, dct_scaling: bool = True) -> Image.Image:
