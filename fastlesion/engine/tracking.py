@@ -256,6 +256,28 @@ def mlflow_uri(uri: str) -> str:
     return Path(uri).expanduser().resolve().as_uri()
 
 
+def mlflow_client(uri: str) -> Any:
+    """An ``MlflowClient`` for the tracking URI ``uri`` (as :func:`mlflow_uri` gives it); MLflow missing is the one
+    line of :data:`MLFLOW_MISSING`."""
+    if uri.startswith("file:"):  # MLflow 3 refuses its file store unless asked for it; this run asks
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise FastlesionError(MLFLOW_MISSING) from None
+    return MlflowClient(tracking_uri=uri)
+
+
+def mlflow_experiment_name() -> str:
+    """The MLflow experiment runs go to: ``$MLFLOW_EXPERIMENT_NAME``, else :data:`MLFLOW_EXPERIMENT`."""
+    return os.environ.get("MLFLOW_EXPERIMENT_NAME") or MLFLOW_EXPERIMENT
+
+
+def run_dir_filter(run_dir: Path) -> str:
+    """MLflow's search filter for the runs of the run folder ``run_dir`` (its :data:`RUN_DIR_TAG`)."""
+    return f"tags.`{RUN_DIR_TAG}` = '{Path(run_dir).resolve()}'"
+
+
 class MlflowTracker(Tracker):
     """A run in the MLflow tracking store at ``uri`` (experiment :data:`MLFLOW_EXPERIMENT`)."""
 
@@ -265,18 +287,12 @@ class MlflowTracker(Tracker):
         self.run_id: str | None = None
 
     def start(self, s: Any, resumed: bool) -> None:
-        if self.uri.startswith("file:"):  # MLflow 3 refuses its file store unless asked for it; this run asks
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        try:
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise FastlesionError(MLFLOW_MISSING) from None
-        self.client = client = MlflowClient(tracking_uri=self.uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or MLFLOW_EXPERIMENT
+        self.client = client = mlflow_client(self.uri)
+        name = mlflow_experiment_name()
         exp = client.get_experiment_by_name(name)
         exp_id = exp.experiment_id if exp is not None else client.create_experiment(name)
         run_dir = str(self.run_dir.resolve())
-        old = client.search_runs([exp_id], f"tags.`{RUN_DIR_TAG}` = '{run_dir}'", max_results=1,
+        old = client.search_runs([exp_id], run_dir_filter(self.run_dir), max_results=1,
                                  order_by=["attributes.start_time DESC"]) if resumed else []
         if old:
             self.run_id, logged = old[0].info.run_id, old[0].data.params

@@ -12,7 +12,6 @@ changes nothing.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -63,23 +62,17 @@ def _end_tensorboard(log_dir: Path) -> int:
 
 def _end_mlflow(uri: str, run_dir: Path, epochs: int) -> int:
     """Tag and finish the ``RUNNING`` MLflow run of ``run_dir`` (found by its run-folder tag, as a resume finds it)."""
-    from fastlesion.engine.tracking import MLFLOW_EXPERIMENT, RUN_DIR_TAG, mlflow_uri
+    from fastlesion.engine.tracking import mlflow_client, mlflow_experiment_name, mlflow_uri, run_dir_filter
 
-    uri = mlflow_uri(uri)
-    if uri.startswith("file:"):  # as the run's own tracker does: MLflow 3 refuses its file store unless asked
-        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
     try:
-        from mlflow.tracking import MlflowClient
-
-        client = MlflowClient(tracking_uri=uri)
-        exp = client.get_experiment_by_name(os.environ.get("MLFLOW_EXPERIMENT_NAME") or MLFLOW_EXPERIMENT)
+        client = mlflow_client(mlflow_uri(uri))
+        exp = client.get_experiment_by_name(mlflow_experiment_name())
         if exp is None:
             return 0
-        runs = client.search_runs([exp.experiment_id], f"tags.`{RUN_DIR_TAG}` = '{run_dir.resolve()}' and "
-                                  "attributes.status = 'RUNNING'")
+        runs = client.search_runs([exp.experiment_id], f"{run_dir_filter(run_dir)} and attributes.status = 'RUNNING'")
         for run in runs:
             client.set_tag(run.info.run_id, STOPPED_TAG, f"asha after epoch {epochs}")
             client.set_terminated(run.info.run_id, "FINISHED")
         return len(runs)
-    except Exception:  # noqa: BLE001 - a tracking store out of reach must not fail the search's results
+    except Exception:  # noqa: BLE001 - a tracking store out of reach (or MLflow gone) must not fail the results
         return 0
