@@ -49,8 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-SOFTWARE_KEYS = frozenset({"python", "platform", "torch", "torchvision", "dali", "timm", "pillow", "numpy",
-                           "torch_cuda", "gpu_driver", "cuda_version", "note"})
+SOFTWARE_KEYS = frozenset({"python", "platform", "torch", "torchvision", "dali", "timm", "pillow", "simplejpeg",
+                           "numpy", "torch_cuda", "gpu_driver", "cuda_version", "note"})
 """Fingerprint keys that name software, not the machine: a new torch or driver on one machine stays one machine."""
 
 

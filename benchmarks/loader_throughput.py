@@ -28,7 +28,8 @@ threads), batch size and output size, so the library's loaders are compared with
 
 The ceiling (``--backends`` must name it; not in the default list): ``decode-bound`` decodes each image at the DCT
 scale its crop needs and down to the crop's bottom edge (the crop drawn as the ``torch`` row draws it, with the
-same rules: :mod:`fastlesion.data.decode`), with PIL's ``Image.draft``, and does nothing else: no resize, no
+same rules: :mod:`fastlesion.data.decode`), with PIL's ``Image.draft`` (a whole decode by libjpeg-turbo through
+simplejpeg where the crop needs scale 1), and does nothing else: no resize, no
 augmentation, an empty tensor per image through the DataLoader. No loader that decodes with libjpeg and keeps at
 least ``--image-size`` pixels across each crop can beat it on the same threads; ``vs_decode_bound`` says how close
 a row comes.
@@ -36,7 +37,8 @@ a row comes.
 ``--data ROOT [--dataset KIND]`` measures on any catalog dataset (isic2020, isic2019, ham10000, csv, folder; the
 kind is detected unless given) instead of the synthetic sets. The summary ends with one line per scale: the library's
 default loader (what ``loader.backend=auto`` picks for these images here, :func:`fastlesion.data.loader.choose_backend`:
-dali-gpu with CUDA; on CPU torch with DCT-scaled decoding for large images, else dali-cpu) against the fastest peer;
+dali-gpu with CUDA; on CPU torch with DCT-scaled decoding for large images or with crops and flips only, else
+dali-cpu) against the fastest peer;
 rows carry ``vs_best_peer``, ``vs_pil``, ``vs_decode_bound`` (None where that row was not measured) and
 ``default_backend``.
 
@@ -243,13 +245,14 @@ def draft_open(path: str, image_size: int, scale: tuple[float, float], ratio: tu
 def decode_only(path: str, image_size: int, scale: tuple[float, float], ratio: tuple[float, float]) -> torch.Tensor:
     """decode-bound's item: the ``torch`` row's decode of the crop's window
     (:func:`fastlesion.data.decode.decode_window`: the DCT scale that keeps the crop at least ``image_size`` pixels,
-    down to its bottom edge), dropped; an empty tensor goes through the DataLoader."""
+    down to its bottom edge; a whole decode by libjpeg-turbo where it needs scale 1), dropped; an empty tensor goes
+    through the DataLoader."""
     from PIL import Image
 
     from fastlesion.data import decode
 
     with Image.open(path) as im:
-        decode.decode_window(im, image_size, scale, ratio)
+        decode.decode_window(im, image_size, scale, ratio, path=path)
     return torch.empty(0)
 
 
@@ -414,16 +417,16 @@ def resolve_backends(text: str, device: torch.device) -> tuple[list[str], list[s
     return backends, notes
 
 
-def default_backend(device: torch.device, table=None, image_size: int = 224) -> str:
-    """The row of the library's default loader, what ``loader.backend=auto`` picks for ``table`` here
-    (:func:`fastlesion.data.loader.choose_backend`): dali-gpu with CUDA and DALI; on CPU torch (DCT-scaled
-    decoding) for large images, else dali-cpu; torch without DALI."""
+def default_backend(device: torch.device, table=None, image_size: int = 224, aug_strength: float = 1.0) -> str:
+    """The row of the library's default loader, what ``loader.backend=auto`` picks for ``table`` here with
+    ``loader.aug_strength`` (:func:`fastlesion.data.loader.choose_backend`): dali-gpu with CUDA and DALI; on CPU
+    torch (DCT-scaled decoding) for large images or crops and flips only, else dali-cpu; torch without DALI."""
     import pandas as pd
 
     from fastlesion.config import LoaderConfig
     from fastlesion.data.loader import choose_backend
 
-    cfg = LoaderConfig(device="gpu" if device.type == "cuda" else "cpu")
+    cfg = LoaderConfig(device="gpu" if device.type == "cuda" else "cpu", aug_strength=aug_strength)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the missing-DALI warning: the rows' notes say it
         backend, _ = choose_backend(cfg, table if table is not None else pd.DataFrame({"path": []}), image_size)
@@ -504,7 +507,7 @@ def run(argv: list[str] | None = None) -> list[dict[str, Any]]:
             n = args.n or DEFAULT_N[scale]
             data = dataset(scale, n, args.seed, cache, args.threads)
         dims = image_dims(data["path"].tolist())
-        default = default_backend(device, data, args.image_size)
+        default = default_backend(device, data, args.image_size, args.aug_strength)
         loaders = {b: make_loader(b, data, configs[b], args.image_size, device) for b in backends}
         runs: dict[str, list[float]] = {b: [] for b in backends}
         cpu_ms: dict[str, list[float]] = {b: [] for b in backends}

@@ -145,7 +145,8 @@ class LoaderConfig:
     """How batches are made: backend, threads and augmentation."""
 
     backend: str = _f("auto", "auto (the fastest path for the device and the images: dali on a GPU; on CPU torch "
-                      "with DCT-scaled decoding for large JPEGs, else dali; torch without DALI) | dali | torch")
+                      "with DCT-scaled decoding for large JPEGs or for crops and flips only, else dali; torch "
+                      "without DALI) | dali | torch")
     device: str = _f("auto", "where DALI decodes: auto (gpu if CUDA) | gpu | cpu")
     batch_size: int = _f(64, "per-process training batch size")
     eval_batch_size: int | None = _f(None, "per-process evaluation batch size (None = 2 x batch_size)")
@@ -168,8 +169,9 @@ class LoaderConfig:
     dtype: str = _f("float32", "DALI output dtype: float32 | float16 | bfloat16")
     prefetch: int = _f(2, "batches prefetched per worker / DALI queue depth")
     dct_scaling: bool = _f(True, "torch loader: decode a JPEG at 1/2, 1/4 or 1/8 scale when the crop (training) or "
-                           "resize (evaluation) shrinks it that much anyway (libjpeg DCT scaling, PIL draft); the "
-                           "crop distribution is unchanged. false = full decode (the plain reference)")
+                           "resize (evaluation) shrinks it that much anyway (libjpeg DCT scaling, PIL draft), else "
+                           "in full by libjpeg-turbo (simplejpeg), uint8 batches normalised on the device; the crop "
+                           "distribution is unchanged. false = full decode by PIL (the plain reference)")
     fast_idct: bool = _f(True, "DALI training decode: libjpeg-turbo's fast integer IDCT (~15 % faster on CPU, about "
                          "one grey level of error); evaluation always uses the accurate IDCT")
 

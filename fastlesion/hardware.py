@@ -160,6 +160,7 @@ def fingerprint() -> dict[str, Any]:
         "dali": _version("nvidia-dali-cuda120") or _version("nvidia-dali-cuda130") or _version("nvidia-dali-cuda110"),
         "timm": _version("timm"),
         "pillow": _version("pillow"),
+        "simplejpeg": _version("simplejpeg"),
         "numpy": _version("numpy"),
     })
     return fp

@@ -588,3 +588,20 @@ def test_torchvision_decode_batched_path_runs_through_workers(tmp_path, monkeypa
         assert x.shape == (2, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
         seen += idx.tolist()
     assert sorted(seen) == list(range(8))
+
+
+def test_default_backend_follows_the_augmentation(tmp_path, monkeypatch):
+    """600x450 JPEGs at 224 px on CPU: dali-cpu with the default augmentation, torch with crops and flips only."""
+    import pandas as pd
+    from PIL import Image
+
+    import fastlesion.data.loader as loader_mod
+
+    paths = []
+    for i in range(2):
+        Image.new("RGB", (600, 450), (i * 90, 80, 60)).save(tmp_path / f"{i}.jpg", quality=90)
+        paths.append(str(tmp_path / f"{i}.jpg"))
+    monkeypatch.setattr(loader_mod, "dali_available", lambda: True)
+    table, cpu = pd.DataFrame({"path": paths, "label": [0, 1]}), torch.device("cpu")
+    assert loader_throughput.default_backend(cpu, table, 224) == "dali-cpu"
+    assert loader_throughput.default_backend(cpu, table, 224, aug_strength=0) == "torch"

@@ -74,7 +74,7 @@ def test_reduced_decode_keeps_the_crop_distribution_and_enough_pixels(big, monke
     for seed in range(300):
         torch.manual_seed(seed)
         out, (top, left, h, w), size = decode.random_resized_crop(big, 224, SCALE, RATIO)
-        assert out.size == (224, 224) and size == (2400, 1800)
+        assert out.shape == (3, 224, 224) and size == (2400, 1800)
         assert 0 <= top and top + h <= 1800 and 0 <= left and left + w <= 2400
         factor, s, decoded = factors[-1]
         assert s == 1 / factor and decoded == (-(-2400 // factor), -(-1800 // factor))
@@ -98,6 +98,9 @@ def test_reduced_decode_keeps_the_crop_distribution_and_enough_pixels(big, monke
 
 
 def _u8(img) -> np.ndarray:
+    """A PIL image or a uint8 3 x H x W tensor as float32 H x W x 3."""
+    if isinstance(img, torch.Tensor):
+        return img.permute(1, 2, 0).numpy().astype(np.float32)
     return np.asarray(img, dtype=np.float32)
 
 
@@ -180,11 +183,13 @@ def test_a_file_cut_above_the_window_still_fails_and_one_cut_below_it_does_not(b
         decode.random_resized_crop(str(cut), 224, SCALE, RATIO)
     monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", True)  # a user's opt-in: grey rows, as PIL gives
     out, _, _ = decode.random_resized_crop(str(cut), 224, SCALE, RATIO)
-    assert out.size == (224, 224) and open_rgb(str(cut)).size == (2400, 1800)
+    assert out.shape == (3, 224, 224) and open_rgb(str(cut)).size == (2400, 1800)
     monkeypatch.setattr("PIL.ImageFile.LOAD_TRUNCATED_IMAGES", False)
-    window.update(top=0, h=300)  # ends above the cut: every row it needs is there
-    out, _, _ = decode.random_resized_crop(str(cut), 224, SCALE, RATIO)
-    assert _u8(out).mean() > 20  # real pixels, not the black of undecoded rows
+    for h in (450, 300):  # end above the cut: every row they need is there (factor 2, and 1: libjpeg-turbo's whole
+        window.update(top=0, h=h)  # decode reports the cut, and PIL decodes down to the window, as for factor 2)
+        out, _, _ = decode.random_resized_crop(str(cut), 224, SCALE, RATIO)
+        assert _u8(out).mean() > 20  # real pixels, not the black of undecoded rows
+    assert decode.decode_whole(str(cut)) is None and decode.decode_whole(big) is not None
     with pytest.raises(OSError):  # the whole-image decode (plain path) fails on the same file
         open_rgb(str(cut))
 
@@ -199,7 +204,7 @@ def test_no_early_stop_for_png_grey_or_rotated_files(tmp_path, monkeypatch):
     for path in (tmp_path / "p.png", tmp_path / "g.jpg", rotated):
         torch.manual_seed(0)
         out, _, _ = decode.random_resized_crop(str(path), 112, SCALE, RATIO)
-        assert out.size == (112, 112) and out.mode == "RGB"
+        assert out.shape == (3, 112, 112) and out.dtype == torch.uint8
     assert calls == []  # PNG: no DCT; grey: not RGB; orientation 6: the window's rows are columns on disk
 
 
@@ -222,7 +227,7 @@ def test_eval_resize_matches_the_plain_eval_transform(big, tmp_path):
     plain = eval_transform(cfg, 224)
     for path in (big, _photo(tmp_path / "tall.jpg", 900, 2000, seed=1), _photo(tmp_path / "s.jpg", 300, 260)):
         fast = decode.resize_center_crop(path, eval_resize_size(224, cfg.eval_crop), 224)
-        assert fast.size == (224, 224)
+        assert fast.shape == (3, 224, 224)
         want = plain(open_rgb(path)) * torch.tensor(STD)[:, None, None] + torch.tensor(MEAN)[:, None, None]
         got = torch.from_numpy(_u8(fast) / 255).permute(2, 0, 1)
         assert (got - want).abs().mean().item() < 3.0 / 255
@@ -288,6 +293,18 @@ def test_auto_picks_the_path_by_device_and_image_size(tmp_path, monkeypatch, cap
     backend, line = loader_mod.choose_backend(auto, _table(small_paths), 224)
     assert backend == "dali" and line == "loader: auto -> dali on CPU threads (median image 600x450 px, CPU)"
     assert loader_mod.choose_backend(LoaderConfig(dct_scaling=False), _table(big_paths), 224)[0] == "dali"
+    # crops and flips only (no rotation, no colour jitter): torch at any size, for classification
+    flips_only = LoaderConfig(aug_strength=0)
+    backend, line = loader_mod.choose_backend(flips_only, _table(small_paths), 224)
+    assert backend == "torch" and line == ("loader: auto -> torch with DCT-scaled decoding (median image 600x450 px, "
+                                           "CPU; crops and flips only)")
+    assert loader_mod.choose_backend(LoaderConfig(rotate=0, brightness=0, contrast=0, saturation=0, hue=0),
+                                     _table(small_paths), 224)[0] == "torch"
+    assert loader_mod.choose_backend(LoaderConfig(hue=0), _table(small_paths), 224)[0] == "dali"  # jitter left
+    seg = _table(small_paths, masks=small_paths)
+    assert loader_mod.choose_backend(flips_only, seg, 224)[0] == "dali"  # measured for classification only
+    assert loader_mod.choose_backend(LoaderConfig(aug_strength=0, dct_scaling=False), _table(small_paths),
+                                     224)[0] == "dali"
     # the measured crossover: DALI on 1200x900 (shorter side 4.0 x 224), torch from 5 x 224 = 1120 px up
     mid_paths = [_photo(tmp_path / f"m{i}.jpg", 1200, 900, seed=i) for i in range(3)]
     assert loader_mod.choose_backend(auto, _table(mid_paths), 224)[0] == "dali"
@@ -316,5 +333,81 @@ def test_grey_jpeg_and_png_take_the_same_path(tmp_path):
         img, window, size = decode.random_resized_crop(str(tmp_path / name), 64, SCALE, RATIO)
         torch.manual_seed(3)
         assert window == decode.draw_crop(1200, 1600, SCALE, RATIO) and size == (1600, 1200)
-        assert img.mode == "RGB" and img.size == (64, 64)
+        assert img.shape == (3, 64, 64)
         assert np.abs(_u8(img) - np.array(colour, np.float32)).max() <= 2
+
+
+def test_whole_decodes_go_through_libjpeg_turbo_and_match_the_pil_path(tmp_path, monkeypatch):
+    """A window that needs the whole image (no DCT reduction) of a plain JPEG: simplejpeg decodes it and torch's uint8
+    kernel resizes it; the same window and, within a grey level on average, the pixels of the PIL path."""
+    small = _photo(tmp_path / "s.jpg", 600, 450, seed=4)
+    calls = []
+    real = decode.decode_whole
+    monkeypatch.setattr(decode, "decode_whole", lambda path: calls.append(path) or real(path))
+    turbo = {}
+    for seed in range(8):
+        torch.manual_seed(seed)
+        turbo[seed] = decode.random_resized_crop(small, 224, SCALE, RATIO)
+    assert len(calls) == 8  # 600x450: every window's shorter side is below 2 x 224
+    monkeypatch.setattr(decode, "turbo", lambda: None)  # as without simplejpeg installed: PIL decodes
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out, window, size = decode.random_resized_crop(small, 224, SCALE, RATIO)
+        assert window == turbo[seed][1] and size == turbo[seed][2] == (600, 450)
+        assert out.shape == turbo[seed][0].shape == (3, 224, 224)
+        assert np.abs(_u8(out) - _u8(turbo[seed][0])).mean() < 1.0
+    assert len(calls) == 8
+
+
+def test_grey_rotated_and_png_files_are_not_given_to_libjpeg_turbo(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(decode, "decode_whole", lambda path: calls.append(path))
+    Image.new("L", (600, 450), 90).save(tmp_path / "grey.jpg", quality=90)
+    Image.open(_photo(tmp_path / "p.jpg", 600, 450)).save(tmp_path / "p.png")
+    rotated = _photo(tmp_path / "r.jpg", 600, 450, orientation=6)
+    for path in (tmp_path / "grey.jpg", tmp_path / "p.png", rotated):
+        torch.manual_seed(0)
+        assert decode.random_resized_crop(str(path), 112, SCALE, RATIO)[0].shape == (3, 112, 112)
+        assert decode.resize_center_crop(str(path), 128, 112).shape == (3, 112, 112)
+    assert calls == []
+
+
+def test_normalize_uint8_is_v2_to_image_to_dtype_normalize():
+    from torchvision.transforms import v2
+
+    from fastlesion.data.transforms import NormalizeUint8
+
+    x = torch.randint(0, 256, (4, 3, 20, 30), dtype=torch.uint8)
+    ref = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+    want = torch.stack([ref(img) for img in x])
+    got = NormalizeUint8()(x)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(NormalizeUint8()(x[0]), want[0], atol=1e-5)
+
+
+def test_after_crop_goes_through_pil_only_for_rotation_or_jitter():
+    from torchvision.transforms import v2
+
+    from fastlesion.data.transforms import after_crop
+
+    names = [type(t).__name__ for t in after_crop(LoaderConfig()).transforms]
+    assert names[0] == "ToPILImage" and names[-1] == "PILToTensor" and "ColorJitter" in names
+    assert [type(t).__name__ for t in after_crop(LoaderConfig(aug_strength=0)).transforms] == \
+        ["RandomHorizontalFlip", "RandomVerticalFlip"]
+    assert after_crop(LoaderConfig(aug_strength=0, hflip=0, vflip=0)) is None
+    out = after_crop(LoaderConfig())(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
+    assert isinstance(out, torch.Tensor) and out.dtype == torch.uint8 and out.shape == (3, 32, 32)
+    assert isinstance(after_crop(LoaderConfig()), v2.Compose)
+
+
+def test_the_dct_loader_moves_uint8_through_the_workers_and_yields_normalised_floats(tmp_path):
+    paths = [_photo(tmp_path / f"{i}.jpg", 600, 450, seed=i) for i in range(4)]
+    for train in (True, False):
+        loader = TorchLoader(_table(paths), LoaderConfig(backend="torch", workers=0, batch_size=4), 64, train=train)
+        assert loader.normalize is not None
+        x, y, idx = next(iter(loader))
+        assert x.dtype == torch.float32 and x.shape == (4, 3, 64, 64) and -2.2 < x.min() and x.max() < 2.7
+        item = loader.dataset[(0, 1)][0]
+        assert item.dtype == torch.uint8 and item.shape == (3, 64, 64)
+    plain = TorchLoader(_table(paths), LoaderConfig(backend="torch", workers=0, dct_scaling=False), 64, train=True)
+    assert plain.normalize is None and plain.dataset[(0, 1)][0].dtype == torch.float32

@@ -46,6 +46,7 @@ import torch
 
 from fastlesion.config import LoaderConfig
 from fastlesion.data import sampling
+from fastlesion.data.transforms import rotates_or_jitters
 from fastlesion.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -247,10 +248,12 @@ _warned = False
 
 DCT_AUTO_SIDE = 5.0
 """``loader.backend=auto`` without CUDA picks the torch loader with DCT-scaled decoding when the median image's
-shorter side is at least this many times ``data.image_size`` (1120 px at 224), else DALI on CPU threads. Measured
-on 2 cores at 224 px with the default augmentation (README, Benchmarks): DALI was 1.11x the DCT-scaled torch loader
-on 1200x900 JPEGs (shorter side 4.0x), the torch loader 1.11x DALI on 1600x1200 (5.4x) and 2.0x on the ISIC-sized
-3024x2016 set; on 600x450 DALI leads by 1.6x."""
+shorter side is at least this many times ``data.image_size`` (1120 px at 224), else DALI on CPU threads (unless a
+classification run augments with crops and flips only: torch then, :func:`choose_backend`). Measured on 2 cores at
+224 px with the default augmentation (README, Benchmarks): DALI was 1.12x the DCT-scaled torch loader on 1200x900
+JPEGs (shorter side 4.0x), the torch loader 1.06x DALI on 1600x1200 (5.4x) and 2.0x on the ISIC-sized 3024x2016
+set; on 600x450 DALI leads by 1.39x. With crops and flips only the torch loader led on 600x450 (1.08x) and
+1200x900 (1.09x)."""
 HEADER_SAMPLE = 64
 """Images whose header ``auto`` reads (spread over the table) for the median size."""
 _said: set[str] = set()
@@ -307,9 +310,12 @@ def choose_backend(cfg: LoaderConfig, table: pd.DataFrame, image_size: int | Non
     """The backend to build, and for ``auto`` the one line that says which and why.
 
     ``auto``: DALI decoding on the GPU (nvJPEG, ``mixed``) when DALI decodes there (``loader.device`` resolves to
-    gpu); on CPU the torch loader with DCT-scaled decoding when the median image (:func:`median_image_size`) has a
-    shorter side of at least :data:`DCT_AUTO_SIDE` x ``image_size`` (and ``loader.dct_scaling`` is on), else DALI on
-    CPU threads; torch wherever DALI is missing (:func:`resolve_backend` warns). ``dali`` / ``torch`` as asked.
+    gpu); on CPU the torch loader with DCT-scaled decoding (``loader.dct_scaling`` on) when the median image
+    (:func:`median_image_size`) has a shorter side of at least :data:`DCT_AUTO_SIDE` x ``image_size``, or when a
+    classification table is augmented with crops and flips only (no rotation, no colour jitter: DALI's CPU
+    strength is its fused augmentation; without it the torch loader's libjpeg-turbo decode and uint8 resize were
+    faster, README, Benchmarks), else DALI on CPU threads; torch wherever DALI is missing (:func:`resolve_backend`
+    warns). ``dali`` / ``torch`` as asked.
     """
     if cfg.backend != "auto":
         return resolve_backend(cfg), None
@@ -319,6 +325,8 @@ def choose_backend(cfg: LoaderConfig, table: pd.DataFrame, image_size: int | Non
     seen = f"median image {size[0]}x{size[1]} px, CPU" if size else "image sizes unknown, CPU"
     if cfg.dct_scaling and size and image_size and min(size) >= DCT_AUTO_SIDE * image_size:
         return "torch", f"loader: auto -> torch with DCT-scaled decoding ({seen})"
+    if cfg.dct_scaling and "mask" not in table.columns and not rotates_or_jitters(cfg):
+        return "torch", f"loader: auto -> torch with DCT-scaled decoding ({seen}; crops and flips only)"
     backend = resolve_backend(cfg)
     if backend == "dali":
         return "dali", f"loader: auto -> dali on CPU threads ({seen})"
