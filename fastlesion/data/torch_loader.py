@@ -276,10 +276,11 @@ class TorchLoader(ShardedLoader):
             # non_blocking pairs with pin_memory: the copy overlaps the next batch's work on CUDA; y is the labels,
             # or the float masks N x 1 x S x S of a segmentation table (contiguous, never channels_last)
             # uint8 from the workers (self.normalize) is laid out first, at a quarter of the float bytes, then
-            # normalised where it arrived (on the GPU when training there); the float result keeps the layout
+            # normalised where it arrived (on the GPU when training there); the elementwise float result keeps
+            # the layout (NCHW or channels_last)
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=fmt)
             if self.normalize is not None:
-                x = self.normalize(x).contiguous(memory_format=fmt)
+                x = self.normalize(x)
             yield (x,
                    y.to(self.device, non_blocking=True), idx)
 

@@ -83,8 +83,9 @@ class NormalizeUint8:
     def __call__(self, x):
         import torch
 
-        mean, inv_std = self.mean.to(x.device), self.inv_std.to(x.device)
-        return (x.to(torch.float32) - mean).mul_(inv_std)
+        if self.mean.device != x.device:  # moved once, not per batch (a host-to-device copy each on a GPU)
+            self.mean, self.inv_std = self.mean.to(x.device), self.inv_std.to(x.device)
+        return (x.to(torch.float32) - self.mean).mul_(self.inv_std)
 
 
 def eval_transform(cfg: LoaderConfig, image_size: int, normalize: bool = True):
